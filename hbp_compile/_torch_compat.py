@@ -1,0 +1,17 @@
+"""Every private or semi-private torch import of the project lives here.
+
+A torch upgrade that moves one of these should touch this file only.
+"""
+from __future__ import annotations
+
+from torch._dynamo import register_backend as register_dynamo_backend  # noqa: F401
+from torch._dynamo import reset as reset_dynamo  # noqa: F401
+from torch.fx.experimental.proxy_tensor import make_fx  # noqa: F401
+from torch.fx.traceback import preserve_node_meta  # noqa: F401
+
+__all__ = [
+    "make_fx",
+    "preserve_node_meta",
+    "register_dynamo_backend",
+    "reset_dynamo",
+]

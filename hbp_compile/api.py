@@ -1,0 +1,110 @@
+"""Public entry points: ``hbp_compile(model, k)`` and ``explain(model, *args)``."""
+from __future__ import annotations
+
+import copy
+import itertools
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .backend import HbpBackend
+from .inspect.report import Report
+from .options import HbpOptions
+
+_fresh_ids = itertools.count()
+
+
+def _fresh_entry(module: torch.nn.Module) -> Callable[..., Any]:
+    """A function calling ``module`` whose code object is new, so that dynamo gives it its own cache.
+
+    Dynamo caches compiled frames per code object; every model of one class shares ``forward``'s code,
+    and after ``recompile_limit`` backends it silently runs eager. A fresh top-level code object per
+    compiled module keeps models apart (and their Highway-BP rewrite in place).
+    """
+
+    def hbp_entry(*args: Any, **kwargs: Any) -> Any:
+        return module(*args, **kwargs)
+
+    code = hbp_entry.__code__.replace(co_name=f"hbp_entry_{next(_fresh_ids)}")
+    return types.FunctionType(code, hbp_entry.__globals__, code.co_name, None, hbp_entry.__closure__)
+
+
+class HighwayModule(torch.nn.Module):
+    """A model whose backward runs Highway-BP. Shares parameters and buffers with the original.
+
+    ``state_dict()`` and ``load_state_dict()`` use the original model's keys; attributes the wrapper
+    does not have are looked up on the original model.
+    """
+
+    def __init__(self, model: torch.nn.Module, options: HbpOptions):
+        super().__init__()
+        self._orig_mod = model
+        self.hbp_options = options
+        self.hbp_backend = HbpBackend(options)
+        self._compiled = torch.compile(_fresh_entry(model), backend=self.hbp_backend, dynamic=False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._compiled(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        return self._orig_mod.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self._orig_mod.load_state_dict(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["_orig_mod"], name)
+
+    @property
+    def hbp_report(self) -> Report:
+        """The report of every graph compiled so far (empty before the first call)."""
+        return Report(tuple(self.hbp_backend.records), self.hbp_options)
+
+
+def hbp_compile(model: torch.nn.Module, k: int = 3, *, gamma: float = 0.0, backend: str = "inductor",
+                min_layers: int = 2, debug_dir: str | None = None) -> HighwayModule:
+    """Train ``model`` with Highway backpropagation truncated at ``k`` iterations.
+
+    The model is captured with torch.compile on its first call; its chains of residual layers get a
+    Highway-BP backward, everything else keeps ordinary autograd. The forward is unchanged.
+
+    >>> import torch
+    >>> from hbp_compile import hbp_compile
+    >>> class Block(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.ln = torch.nn.LayerNorm(8); self.fc = torch.nn.Linear(8, 8)
+    ...     def forward(self, x): return x + self.fc(self.ln(x))
+    >>> model = torch.nn.Sequential(*[Block() for _ in range(4)])
+    >>> fast = hbp_compile(model, k=1, backend="eager")
+    >>> fast(torch.randn(2, 8)).sum().backward()
+    >>> fast.hbp_report.num_layers
+    4
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"hbp_compile: model must be a torch.nn.Module, got {type(model).__name__}")
+    options = HbpOptions(k=k, gamma=gamma, backend=backend, min_layers=min_layers, debug_dir=debug_dir)
+    return HighwayModule(model, options)
+
+
+def explain(model: torch.nn.Module, *args: Any, k: int = 3, gamma: float = 0.0, min_layers: int = 2,
+            **kwargs: Any) -> Report:
+    """Capture ``model(*args, **kwargs)`` and report the chains Highway-BP would rewrite.
+
+    The model is not changed: the capture runs on a copy, with the random-number state restored.
+
+    >>> report = explain(model, torch.randn(2, 8))   # doctest: +SKIP
+    >>> report.num_layers                              # doctest: +SKIP
+    4
+    """
+    target = model._orig_mod if isinstance(model, HighwayModule) else model
+    options = HbpOptions(k=k, gamma=gamma, backend="eager", min_layers=min_layers)
+    backend = HbpBackend(options, explain_only=True)
+    clone = copy.deepcopy(target)
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.compile(_fresh_entry(clone), backend=backend, dynamic=False)(*args, **kwargs)
+    return Report(tuple(backend.records), options)

@@ -1,0 +1,119 @@
+"""The dynamo backend: capture -> detect -> rewrite for every graph dynamo hands over.
+
+One ``HbpBackend`` object is built per option set and reused, since a new backend per call makes
+dynamo recompile (pytorch #168373). It keeps a ``GraphRecord`` per captured graph: the chains found,
+or a ``Fallback`` reason with the exception behind it. A graph that cannot be rewritten runs the
+captured graph as is (exact backprop) and says so with a ``UserWarning`` — never silently.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .capture import to_aten_graph
+from .detect import Detection, find_residual_chains
+from .options import HbpOptions
+from .rewrite import rewrite_chains
+
+log = logging.getLogger("hbp_compile")
+
+
+class Fallback(enum.Enum):
+    """Why a captured graph trains with exact backprop."""
+
+    GRAD_DISABLED = "gradients are disabled (inference): nothing to rewrite"
+    CAPTURE_FAILED = "lowering to an aten graph failed"
+    NO_CHAIN = "no residual chain found"
+    REWRITE_FAILED = "the rewrite failed"
+
+
+@dataclass
+class GraphRecord:
+    """What happened to one graph dynamo captured."""
+
+    index: int
+    dynamo_graph: fx.GraphModule
+    aten_graph: fx.GraphModule | None = None
+    detection: Detection | None = None
+    rewritten: fx.GraphModule | None = None
+    fallback: Fallback | None = None
+    reason: str = ""
+    exception: BaseException | None = field(default=None, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        if self.fallback is not None or self.detection is None:
+            return 0
+        return sum(c.num_layers for c in self.detection.chains)
+
+
+class HbpBackend:
+    """``torch.compile`` backend applying Highway-BP to every captured graph.
+
+    >>> backend = HbpBackend(HbpOptions(k=3, backend="eager"))
+    >>> compiled = torch.compile(torch.nn.Linear(2, 2), backend=backend)
+    """
+
+    def __init__(self, options: HbpOptions, *, explain_only: bool = False):
+        self.options = options
+        self.explain_only = explain_only
+        self.records: list[GraphRecord] = []
+
+    def __repr__(self) -> str:
+        return f"HbpBackend(k={self.options.k}, gamma={self.options.gamma}, backend={self.options.backend!r})"
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], **_: object) -> Callable:
+        record = GraphRecord(index=len(self.records), dynamo_graph=gm)
+        self.records.append(record)
+        if not torch.is_grad_enabled():
+            return self._fallback(record, Fallback.GRAD_DISABLED, warn=False)
+        try:
+            record.aten_graph = to_aten_graph(gm, example_inputs)
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: train exactly, and say why
+            return self._fallback(record, Fallback.CAPTURE_FAILED, f"{type(exc).__name__}: {exc}", exc)
+        record.detection = find_residual_chains(record.aten_graph.graph, min_layers=self.options.min_layers)
+        if not record.detection.chains:
+            return self._fallback(record, Fallback.NO_CHAIN, "; ".join(record.detection.notes))
+        if self.explain_only:
+            return gm.forward
+        try:
+            record.rewritten = rewrite_chains(
+                record.aten_graph, record.detection.chains, k=self.options.k, gamma=self.options.gamma
+            )
+        except Exception as exc:  # noqa: BLE001
+            return self._fallback(record, Fallback.REWRITE_FAILED, f"{type(exc).__name__}: {exc}", exc)
+        log.info("graph %d: %d residual layer(s) rewritten", record.index, record.num_layers)
+        return record.rewritten.forward
+
+    def _fallback(self, record: GraphRecord, why: Fallback, detail: str = "",
+                  exc: BaseException | None = None, *, warn: bool = True) -> Callable:
+        record.fallback, record.reason, record.exception = why, detail, exc
+        message = f"hbp_compile: graph {record.index} trains with exact backprop: {why.value}"
+        if detail:
+            message += f" ({detail})"
+        log.info(message)
+        if warn and not self.explain_only:
+            warnings.warn(message, UserWarning, stacklevel=2)
+        return record.dynamo_graph.forward
+
+
+def hbp_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
+                options: dict | None = None) -> Callable:
+    """Entry point of ``torch.compile(model, backend="hbp", options={...})``."""
+    return backend_for(HbpOptions.from_mapping(options))(gm, example_inputs)
+
+
+_BACKENDS: dict[HbpOptions, HbpBackend] = {}
+
+
+def backend_for(options: HbpOptions) -> HbpBackend:
+    """The one backend object for an option set (built once, then reused)."""
+    if options not in _BACKENDS:
+        _BACKENDS[options] = HbpBackend(options)
+    return _BACKENDS[options]

@@ -1,0 +1,207 @@
+"""From residual segments to validated ``Chain`` records (DESIGN.md §4).
+
+Segments are linked when one ends where the next starts. The longest runs are claimed first, and a
+run is cut before any layer that would make the rewrite unsafe: a side input computed from the chain
+itself, a state of another shape or dtype, a random or mutating op inside the block. Every cut is
+recorded as a note, so a report can say why a chain is shorter than the model.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from .kinds import classify_residual
+from .model import Chain, Group, Layer
+from .ops import is_mutating, is_random, module_path, same_tensor_type, tensor_meta
+from .segments import Segment, find_residual_segments
+
+log = logging.getLogger("hbp_compile.detect")
+
+DETECTION_META_KEY = "hbp_layer"
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What detection found in one graph: the chains, and notes on every candidate it cut or refused."""
+
+    chains: tuple[Chain, ...]
+    notes: tuple[str, ...]
+    num_segments: int
+
+
+def _externals(seg: Segment) -> tuple[fx.Node, ...]:
+    inside = set(seg.nodes)
+    found: dict[fx.Node, None] = {}
+    for node in seg.nodes:
+        for arg in node.all_input_nodes:
+            if arg not in inside and arg is not seg.x:
+                found.setdefault(arg, None)
+    return tuple(found)
+
+
+def _describe(node: fx.Node) -> str:
+    val = tensor_meta(node)
+    return f"{tuple(val.shape)}:{val.dtype}" if val is not None else type(node.meta.get("val")).__name__
+
+
+def _signature(seg: Segment, externals: tuple[fx.Node, ...]) -> str:
+    """Structural hash: op targets, argument structure, shapes and dtypes; not the node identities."""
+    local = {n: f"%{i}" for i, n in enumerate(seg.nodes)}
+    local[seg.x] = "x"
+    local.update({e: f"${i}" for i, e in enumerate(externals)})
+    parts = [f"x:{_describe(seg.x)}"] + [f"${i}:{_describe(e)}" for i, e in enumerate(externals)]
+    for node in seg.nodes:
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: local[n])
+        parts.append(f"{node.target}{args}->{_describe(node)}")
+    return "\n".join(parts)
+
+
+def _common_module_path(nodes: Iterable[fx.Node]) -> str:
+    paths = [p.split(".") for p in (module_path(n) for n in nodes) if p]
+    if not paths:
+        return ""
+    common = paths[0]
+    for p in paths[1:]:
+        i = 0
+        while i < min(len(common), len(p)) and common[i] == p[i]:
+            i += 1
+        common = common[:i]
+    return ".".join(common)
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def _why_unsafe(seg: Segment, h0: fx.Node, produced_by_chain: set[fx.Node]) -> str | None:
+    if not same_tensor_type(seg.x, h0) or not same_tensor_type(seg.y, h0):
+        return f"state {seg.y.name} changes shape or dtype ({_describe(seg.y)} vs {_describe(h0)})"
+    for node in seg.nodes:
+        if is_random(node):
+            return f"random op {node.format_node()} inside the block is not supported yet"
+        if is_mutating(node):
+            return f"mutating op {node.format_node()} inside the block"
+    for ext in _externals(seg):
+        if ext in produced_by_chain:
+            return f"side input {ext.name} of {seg.y.name} is computed from the chain's own states"
+    return None
+
+
+def _runs(segments: dict[fx.Node, Segment], notes: list[str]) -> list[list[Segment]]:
+    """Claim the longest runs of linked segments first; cut a run where a layer is unsafe."""
+    length: dict[fx.Node, int] = {}
+
+    def run_length(x: fx.Node) -> int:
+        path = []
+        while x in segments and x not in length:
+            path.append(x)
+            x = segments[x].y
+            if len(path) > len(segments):  # a cycle cannot happen in a DAG; stay safe anyway
+                break
+        tail = length.get(x, 0)
+        for start in reversed(path):
+            tail += 1
+            length[start] = tail
+        return length.get(path[0], tail) if path else tail
+
+    starts = sorted(segments, key=lambda x: -run_length(x))
+    claimed: set[fx.Node] = set()
+    runs = []
+    for start in starts:
+        if start in claimed or segments[start].y in claimed:
+            continue
+        run: list[Segment] = []
+        produced = _descendants(start)
+        x = start
+        while x in segments:
+            seg = segments[x]
+            if claimed.intersection(seg.nodes):
+                break
+            why = _why_unsafe(seg, start, produced - set(seg.nodes) if not run else produced)
+            if why is not None:
+                notes.append(f"layer {seg.x.name} -> {seg.y.name} not rewritten: {why}")
+                break
+            run.append(seg)
+            x = seg.y
+        if run:
+            claimed.update(n for seg in run for n in seg.nodes)
+            claimed.add(start)
+            runs.append(run)
+    return runs
+
+
+def _build_chain(run: list[Segment]) -> Chain:
+    layers: list[Layer] = []
+    group_of: dict[str, int] = {}
+    for i, seg in enumerate(run, start=1):
+        externals = _externals(seg)
+        signature = _signature(seg, externals)
+        group = group_of.setdefault(signature, len(group_of))
+        kind, formula = classify_residual(seg.x, seg.residual)
+        layers.append(
+            Layer(
+                index=i,
+                x=seg.x,
+                y=seg.y,
+                nodes=seg.nodes,
+                residual=seg.residual,
+                externals=externals,
+                kind=kind,
+                formula=formula,
+                group=group,
+                module_path=_common_module_path(seg.nodes),
+                signature=signature,
+            )
+        )
+    groups = []
+    for g in range(len(group_of)):
+        members = tuple(i for i, layer in enumerate(layers) if layer.group == g)
+        first = layers[members[0]]
+        stacked, broadcast = [], []
+        for p in range(len(first.externals)):
+            same = all(layers[m].externals[p] is first.externals[p] for m in members)
+            (broadcast if same else stacked).append(p)
+        groups.append(Group(g, members, tuple(stacked), tuple(broadcast), first.kind))
+    taps = tuple(
+        i
+        for i in range(1, len(layers))
+        if any(u not in set(layers[i].nodes) for u in layers[i - 1].y.users)
+    )
+    return Chain(layers=tuple(layers), groups=tuple(groups), taps=taps)
+
+
+def find_residual_chains(graph: fx.Graph, *, min_layers: int = 2) -> Detection:
+    """Find the chains of residual layers in an aten graph. Pure analysis: the graph is not changed.
+
+    Example::
+
+        >>> det = find_residual_chains(aten_gm.graph)         # doctest: +SKIP
+        >>> [c.num_layers for c in det.chains], det.notes     # doctest: +SKIP
+        ([4], ())
+    """
+    segments = find_residual_segments(graph)
+    notes: list[str] = []
+    chains = []
+    for run in _runs(segments, notes):
+        if len(run) < min_layers:
+            notes.append(
+                f"run {run[0].x.name} -> {run[-1].y.name} has {len(run)} layer(s), fewer than "
+                f"min_layers={min_layers}"
+            )
+            continue
+        chains.append(_build_chain(run))
+    if not segments:
+        notes.append("no residual segment (x reaching h through pointwise ops and a block) found")
+    for chain in chains:
+        log.info("chain of %d layers in %d group(s) from %s", chain.num_layers, len(chain.groups), chain.h0.name)
+    return Detection(chains=tuple(chains), notes=tuple(notes), num_segments=len(segments))

@@ -1,0 +1,87 @@
+"""Symbolic classification of a layer's residual function with sympy.
+
+The residual path R of a layer is a small graph of pointwise aten ops from ``x`` to ``y``. We rebuild
+it as a sympy expression in ``x`` and the block outputs ``z0, z1, ...`` (values R reads from outside
+R), differentiate by ``x`` with the ``z`` held fixed, and read the kind off ``K = ∂r/∂x``. The formula
+also makes reports readable: ``r = x + z0, K = 1``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .model import ResidualKind
+
+_aten = torch.ops.aten
+
+
+def _alpha(node: fx.Node) -> sympy.Expr:
+    return sympy.sympify(node.kwargs.get("alpha", 1))
+
+
+# Pointwise aten packets with a closed form. Anything else becomes an opaque sympy Function, whose
+# derivative is symbolic: the kind is then DIAGONAL (computed numerically), which is always safe.
+_SYMPY_OPS = {
+    _aten.add: lambda n, a: a[0] + _alpha(n) * a[1],
+    _aten.sub: lambda n, a: a[0] - _alpha(n) * a[1],
+    _aten.rsub: lambda n, a: a[1] - _alpha(n) * a[0],
+    _aten.mul: lambda n, a: a[0] * a[1],
+    _aten.div: lambda n, a: a[0] / a[1],
+    _aten.neg: lambda n, a: -a[0],
+    _aten.relu: lambda n, a: sympy.Max(0, a[0]),
+    _aten.sigmoid: lambda n, a: 1 / (1 + sympy.exp(-a[0])),
+    _aten.tanh: lambda n, a: sympy.tanh(a[0]),
+    _aten.exp: lambda n, a: sympy.exp(a[0]),
+    _aten.clone: lambda n, a: a[0],
+    _aten.alias: lambda n, a: a[0],
+}
+
+
+def residual_expression(
+    x: fx.Node, residual: Sequence[fx.Node]
+) -> tuple[sympy.Expr, sympy.Symbol]:
+    """Build ``r(x, z)`` as a sympy expression from the residual nodes (topological order, y last)."""
+    xs = sympy.Symbol("x")
+    env: dict[fx.Node, sympy.Expr] = {x: xs}
+    outside: dict[fx.Node, sympy.Symbol] = {}
+
+    def value(arg: object) -> sympy.Expr:
+        if isinstance(arg, fx.Node):
+            if arg not in env:
+                outside.setdefault(arg, sympy.Symbol(f"z{len(outside)}"))
+                return outside[arg]
+            return env[arg]
+        if isinstance(arg, (int, float, bool)):
+            return sympy.nsimplify(arg)
+        return sympy.Symbol(f"c_{type(arg).__name__}")
+
+    for node in residual:
+        args = [value(a) for a in node.args]
+        packet = getattr(node.target, "overloadpacket", None)
+        rule = _SYMPY_OPS.get(packet)
+        if rule is not None:
+            env[node] = rule(node, args)
+        else:
+            env[node] = sympy.Function(getattr(packet, "__name__", str(node.target)))(*args)
+    return env[residual[-1]], xs
+
+
+def classify_residual(x: fx.Node, residual: Sequence[fx.Node]) -> tuple[ResidualKind, str]:
+    """Return the residual kind and a one-line formula ``r = ..., K = ...``.
+
+    >>> # for h = x + B(x):  (ResidualKind.IDENTITY, 'r = x + z0; K = 1')
+    """
+    expr, xs = residual_expression(x, residual)
+    k = sympy.simplify(sympy.diff(expr, xs))
+    if k == 1:
+        kind = ResidualKind.IDENTITY
+    elif k == 0:
+        kind = ResidualKind.ZERO
+    elif not k.free_symbols:
+        kind = ResidualKind.SCALAR
+    else:
+        kind = ResidualKind.DIAGONAL
+    return kind, f"r = {expr}; K = {k}"

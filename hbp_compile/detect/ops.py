@@ -1,0 +1,74 @@
+"""How the detector sees one FX node: pointwise, reduction, view, or heavy.
+
+Classification goes through ``torch.Tag`` and ``OpOverload.is_view`` rather than op spellings, so that
+an op renamed by a torch upgrade is still classified (STYLE.md, "traps").
+"""
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx as fx
+
+
+def _overload(node: fx.Node) -> torch._ops.OpOverload | None:
+    target = node.target
+    return target if isinstance(target, torch._ops.OpOverload) else None
+
+
+def is_pointwise(node: fx.Node) -> bool:
+    """True for an aten op tagged ``torch.Tag.pointwise`` (elementwise in every tensor input)."""
+    op = _overload(node)
+    return node.op == "call_function" and op is not None and torch.Tag.pointwise in op.tags
+
+
+def is_random(node: fx.Node) -> bool:
+    """True for ops that draw random numbers (dropout, bernoulli, rand...)."""
+    op = _overload(node)
+    return op is not None and torch.Tag.nondeterministic_seeded in op.tags
+
+
+def is_mutating(node: fx.Node) -> bool:
+    """True for ops that write into one of their inputs (``add_``, ``copy_``...)."""
+    op = _overload(node)
+    return op is not None and op._schema.is_mutable
+
+
+def is_light(node: fx.Node) -> bool:
+    """Pointwise, reduction, view or tuple access: the ops that alone do not make a block worth a layer."""
+    if node.target is operator.getitem:
+        return True
+    op = _overload(node)
+    if op is None:
+        return False
+    return torch.Tag.pointwise in op.tags or torch.Tag.reduction in op.tags or op.is_view
+
+
+def tensor_meta(node: fx.Node) -> torch.Tensor | None:
+    """The fake tensor recorded by tracing under ``meta['val']``, if the node produced one tensor."""
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def same_tensor_type(a: fx.Node, b: fx.Node) -> bool:
+    """Same shape and dtype: the states of one run of a chain must agree on both."""
+    ta, tb = tensor_meta(a), tensor_meta(b)
+    return ta is not None and tb is not None and ta.shape == tb.shape and ta.dtype == tb.dtype
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost ``nn.Module`` path that produced ``node`` ('' when unknown)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return _clean_dynamo_path(str(path))
+
+
+_DYNAMO_ROOT = re.compile(r"^(L\['[^']*'\]\.?|L__[a-z]+___|self\.)")
+
+
+def _clean_dynamo_path(path: str) -> str:
+    # dynamo spells `self.layers[0].fc` as L['self'].layers[0].fc (the name is forward's first argument)
+    return _DYNAMO_ROOT.sub("", path)

@@ -1,0 +1,130 @@
+"""Find residual segments in an aten graph: the candidate layers of a chain.
+
+A segment starts at a value ``x`` and ends at ``y`` when
+
+* ``x`` reaches ``y`` along a path of pointwise ops of ``x``'s shape and dtype (the residual path R),
+* the segment ``desc(x) ∩ anc(y)`` is closed: nothing inside it except ``y`` is read from outside, so
+  ``y`` is the only value that leaves the layer, and
+* the segment contains a heavy op (matmul, convolution...) off R: the block ``g``.
+
+We take, for every ``x``, the first such ``y`` in topological order. This one rule covers ``x + B(x)``,
+``relu(x + B(x))`` and gated updates ``a⊙x + b`` (DESIGN.md §4).
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from .ops import is_light, is_pointwise, same_tensor_type, tensor_meta
+
+log = logging.getLogger("hbp_compile.detect")
+
+# A candidate y further than this many pointwise hops from x is not tried: keeps detection linear.
+MAX_CANDIDATES_PER_START = 16
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A closed piece of graph from ``x`` to ``y`` with a pointwise residual path and a heavy block."""
+
+    x: fx.Node
+    y: fx.Node
+    nodes: tuple[fx.Node, ...]  # topological order, y last, x excluded
+    residual: tuple[fx.Node, ...]  # pointwise path x -> y, y last
+
+
+def _pointwise_successors(node: fx.Node, like: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if is_pointwise(u) and same_tensor_type(u, like)]
+
+
+def _interval(x: fx.Node, y: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
+    """``desc(x) ∩ anc(y)`` plus ``y``, without ``x``."""
+    lo, hi = order[x], order[y]
+    forward: set[fx.Node] = set()
+    stack = [x]
+    while stack:
+        for user in stack.pop().users:
+            if user not in forward and order.get(user, hi + 1) <= hi:
+                forward.add(user)
+                stack.append(user)
+    backward: set[fx.Node] = set()
+    stack = [y]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in backward and order[arg] > lo:
+                backward.add(arg)
+                stack.append(arg)
+    return (forward & backward) | {y}
+
+
+def _residual_path(x: fx.Node, nodes: set[fx.Node], y: fx.Node) -> set[fx.Node]:
+    """Pointwise nodes of the segment that lie on a pointwise-only path from x to y."""
+    reach: set[fx.Node] = set()
+    stack = [x]
+    while stack:
+        for user in stack.pop().users:
+            if user in nodes and user not in reach and is_pointwise(user):
+                reach.add(user)
+                stack.append(user)
+    coreach: set[fx.Node] = {y}
+    stack = [y]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg in reach and arg not in coreach:
+                coreach.add(arg)
+                stack.append(arg)
+    return reach & coreach
+
+
+def _why_not_segment(x: fx.Node, y: fx.Node, nodes: set[fx.Node]) -> str | None:
+    if any(u not in nodes for n in nodes if n is not y for u in n.users):
+        return "an intermediate value is read outside the segment"
+    if all(is_pointwise(n) for n in nodes):
+        return "no block: the path is pointwise only"
+    if all(is_light(n) for n in nodes):
+        return "block has only pointwise/reduction/view ops (too light to be a layer)"
+    return None
+
+
+def segment_from(x: fx.Node, order: dict[fx.Node, int]) -> Segment | None:
+    """The first residual segment starting at ``x``, or None."""
+    if tensor_meta(x) is None:
+        return None
+    heap = [(order[u], u) for u in _pointwise_successors(x, x)]
+    heapq.heapify(heap)
+    seen: set[fx.Node] = set()
+    while heap and len(seen) < MAX_CANDIDATES_PER_START:
+        _, y = heapq.heappop(heap)
+        if y in seen:
+            continue
+        seen.add(y)
+        nodes = _interval(x, y, order)
+        why = _why_not_segment(x, y, nodes)
+        if why is None:
+            residual = _residual_path(x, nodes, y)
+            log.debug("segment %s -> %s: %d nodes", x.name, y.name, len(nodes))
+            return Segment(
+                x=x,
+                y=y,
+                nodes=tuple(sorted(nodes, key=order.__getitem__)),
+                residual=tuple(sorted(residual, key=order.__getitem__)),
+            )
+        log.debug("no segment %s -> %s: %s", x.name, y.name, why)
+        for user in _pointwise_successors(y, x):
+            heapq.heappush(heap, (order[user], user))
+    return None
+
+
+def find_residual_segments(graph: fx.Graph) -> dict[fx.Node, Segment]:
+    """Map each start value ``x`` to its residual segment (see module docstring)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    segments = {}
+    for node in graph.nodes:
+        if node.op in ("placeholder", "call_function"):
+            seg = segment_from(node, order)
+            if seg is not None:
+                segments[node] = seg
+    return segments

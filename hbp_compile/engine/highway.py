@@ -1,0 +1,210 @@
+"""The ``HighwayChain`` autograd.Function: sequential forward, Highway-BP backward (DESIGN.md §5).
+
+Backward, for a chain ``h_0 -> ... -> h_L`` with cotangents ``a_i`` on the states the outside reads:
+
+1. ``w^0 = scan(a)`` along the residual Jacobians ``K`` (HIGHWAY_BP.md §3);
+2. per group, one vmapped forward of the split layer over the group's stacked states and weights
+   (built once), whose graph is reused by every VJP below;
+3. ``min(k, L)`` iterations of: ``v_i = w_{i+1} J_{i+1}`` for all layers at once (one batched VJP per
+   group), then ``w = scan(a + v)``;
+4. one more batched VJP per group with ``w`` for the weights and side inputs; ``∂L/∂h_0 = w_0``.
+
+After ``L`` iterations ``w`` is the exact gradient, so ``k >= L`` costs ``L`` iterations, not ``k``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..detect.model import Chain, ResidualKind
+from .layer_graphs import layer_graph, split_layer_graph
+from .scans import reverse_cumsum, reverse_linear_scan
+
+
+@dataclass(frozen=True)
+class GroupProgram:
+    """What the engine needs of one group: its two graphs and where its inputs come from."""
+
+    layers: tuple[int, ...]  # 0-based layer positions; layer p maps state p to state p+1
+    layer_fn: fx.GraphModule
+    split_fn: fx.GraphModule
+    kind: ResidualKind
+    # For each external position: indices into the chain's flat side-input list, one per layer of
+    # the group (stacked) or a single one (broadcast).
+    stacked: tuple[tuple[int, tuple[int, ...]], ...]
+    broadcast: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class ChainProgram:
+    """A chain compiled for execution: per-layer side inputs, per-group graphs, taps, k and gamma."""
+
+    num_layers: int
+    layer_group: tuple[int, ...]
+    layer_sides: tuple[tuple[int, ...], ...]
+    groups: tuple[GroupProgram, ...]
+    taps: tuple[int, ...]
+    k: int
+    gamma: float
+
+    @property
+    def identity_residual(self) -> bool:
+        return all(g.kind is ResidualKind.IDENTITY for g in self.groups)
+
+
+def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma: float) -> ChainProgram:
+    """Index every layer's externals into ``side_nodes`` (the chain's flat side-input list)."""
+    where = {node: i for i, node in enumerate(side_nodes)}
+    groups = []
+    for group in chain.groups:
+        template = chain.layers[group.layers[0]]
+        stacked = tuple(
+            (p, tuple(where[chain.layers[m].externals[p]] for m in group.layers)) for p in group.stacked
+        )
+        broadcast = tuple((p, where[template.externals[p]]) for p in group.broadcast)
+        groups.append(
+            GroupProgram(
+                layers=group.layers,
+                layer_fn=layer_graph(template),
+                split_fn=split_layer_graph(template),
+                kind=group.kind,
+                stacked=stacked,
+                broadcast=broadcast,
+            )
+        )
+    return ChainProgram(
+        num_layers=chain.num_layers,
+        layer_group=tuple(layer.group for layer in chain.layers),
+        layer_sides=tuple(tuple(where[e] for e in layer.externals) for layer in chain.layers),
+        groups=tuple(groups),
+        taps=chain.taps,
+        k=k,
+        gamma=gamma,
+    )
+
+
+class _BatchedGroup:
+    """One group's vmapped split-layer forward, recorded once and reused by every VJP of a backward."""
+
+    def __init__(self, prog: GroupProgram, states: Sequence[torch.Tensor], sides: Sequence[torch.Tensor],
+                 sides_need_grad: Sequence[bool]):
+        self.prog = prog
+        self.index = torch.tensor(prog.layers, device=states[0].device)
+        xs = torch.stack([states[p] for p in prog.layers])
+        self.x_r = xs.detach().requires_grad_(prog.kind is not ResidualKind.IDENTITY)
+        self.x_g = xs.detach().requires_grad_()
+        n_ext = len(prog.stacked) + len(prog.broadcast)
+        args: list[torch.Tensor | None] = [None] * n_ext
+        dims: list[int | None] = [None] * n_ext
+        self.grad_leaves: list[tuple[torch.Tensor, int | tuple[int, ...]]] = []
+        for p, idx in prog.stacked:
+            need = any(sides_need_grad[i] for i in idx)
+            args[p] = torch.stack([sides[i].detach() for i in idx]).requires_grad_(need)
+            dims[p] = 0
+            if need:
+                self.grad_leaves.append((args[p], idx))
+        for p, i in prog.broadcast:
+            args[p] = sides[i].detach().requires_grad_(sides_need_grad[i])
+            if sides_need_grad[i]:
+                self.grad_leaves.append((args[p], i))
+        fn = torch.func.vmap(prog.split_fn, in_dims=(0, 0, *dims))
+        self.y = fn(self.x_r, self.x_g, *args)
+
+    def residual_jacobian(self) -> torch.Tensor:
+        """Diagonal of K for every layer of the group (r is elementwise in x, so a VJP with ones)."""
+        if self.prog.kind is ResidualKind.IDENTITY:
+            return torch.ones_like(self.y)
+        (k,) = torch.autograd.grad(self.y, self.x_r, torch.ones_like(self.y), retain_graph=True)
+        return k
+
+    def block_vjp(self, cotangent: torch.Tensor) -> torch.Tensor:
+        (v,) = torch.autograd.grad(self.y, self.x_g, cotangent, retain_graph=True)
+        return v
+
+    def side_grads(self, cotangent: torch.Tensor) -> list[tuple[torch.Tensor, int | tuple[int, ...]]]:
+        if not self.grad_leaves:
+            return []
+        grads = torch.autograd.grad(self.y, [leaf for leaf, _ in self.grad_leaves], cotangent)
+        return [(g, where) for g, (_, where) in zip(grads, self.grad_leaves)]
+
+
+class HighwayChain(torch.autograd.Function):
+    """``(h_0, *sides) -> (h_L, *taps)`` with the Highway-BP backward of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, program: ChainProgram, h0: torch.Tensor, *sides: torch.Tensor):  # type: ignore[override]
+        states = [h0]
+        for group, side_idx in zip(program.layer_group, program.layer_sides):
+            states.append(program.groups[group].layer_fn(states[-1], *(sides[i] for i in side_idx)))
+        ctx.program = program
+        ctx.save_for_backward(*states, *sides)
+        return (states[-1], *(states[t] for t in program.taps))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor | None, *grad_taps: torch.Tensor | None):  # type: ignore[override]
+        program: ChainProgram = ctx.program
+        saved = ctx.saved_tensors
+        n = program.num_layers
+        states, sides = saved[: n + 1], saved[n + 1:]
+        sides_need_grad = ctx.needs_input_grad[2:]
+        a = torch.zeros((n + 1, *states[-1].shape), dtype=states[-1].dtype, device=states[-1].device)
+        if grad_out is not None:
+            a[n] = grad_out
+        for t, g in zip(program.taps, grad_taps):
+            if g is not None:
+                a[t] = g
+        with torch.enable_grad():
+            batched = [_BatchedGroup(g, states, sides, sides_need_grad) for g in program.groups]
+            w = _highway_iterations(program, batched, a)
+            grads: list[torch.Tensor | None] = [None] * len(sides)
+            for b in batched:
+                for g, where in b.side_grads(w[b.index + 1]):
+                    for i, gi in (zip(where, g.unbind(0)) if isinstance(where, tuple) else [(where, g)]):
+                        grads[i] = gi if grads[i] is None else grads[i] + gi
+        return (None, w[0] if ctx.needs_input_grad[1] else None, *grads)
+
+
+def _highway_iterations(program: ChainProgram, batched: Sequence[_BatchedGroup], a: torch.Tensor) -> torch.Tensor:
+    """``w^k`` for every state (HIGHWAY_BP.md §3-4)."""
+    gamma = program.gamma
+    if program.identity_residual:
+        k_diag = None
+        scan = reverse_cumsum if gamma == 0 else (lambda c: reverse_linear_scan(c, 1.0 - gamma))
+    else:
+        k_diag = torch.empty_like(a[1:])
+        for b in batched:
+            k_diag[b.index] = b.residual_jacobian().detach()
+        scan = lambda c: reverse_linear_scan(c, (1.0 - gamma) * k_diag)  # noqa: E731
+    w = scan(a)
+    for _ in range(min(program.k, program.num_layers)):
+        v = torch.zeros_like(a)
+        for b in batched:
+            cot = w[b.index + 1]
+            vb = b.block_vjp(cot)
+            if gamma:
+                # γ-split: the γ·K part of the residual moves into the block (HIGHWAY_BP.md §1).
+                vb = vb + gamma * (cot if k_diag is None else k_diag[b.index] * cot)
+            v[b.index] = vb
+        w = scan(a + v)
+    return w
+
+
+class ChainModule(torch.nn.Module):
+    """The call site the rewrite puts in the aten graph: ``(h_0, *sides) -> (h_L, *taps)``."""
+
+    def __init__(self, program: ChainProgram):
+        super().__init__()
+        self.program = program
+        for i, g in enumerate(program.groups):
+            self.add_module(f"group{i}_layer", g.layer_fn)
+            self.add_module(f"group{i}_split", g.split_fn)
+
+    def forward(self, h0: torch.Tensor, *sides: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return HighwayChain.apply(self.program, h0, *sides)
+
+    def extra_repr(self) -> str:
+        p = self.program
+        return f"layers={p.num_layers}, groups={len(p.groups)}, taps={list(p.taps)}, k={p.k}, gamma={p.gamma}"

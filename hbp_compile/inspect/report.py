@@ -1,0 +1,68 @@
+"""The ``explain()`` report: per captured region, the chain found or why not."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..backend import GraphRecord
+from ..detect.model import Chain
+from ..options import HbpOptions
+
+
+def backward_depth(chain: Chain, k: int) -> tuple[int, int, int]:
+    """Sequential depth of the backward in block VJPs: (backprop, Highway-BP, scan steps per iteration)."""
+    n = chain.num_layers
+    iterations = min(k, n)
+    scan_steps = (n).bit_length()  # ⌈log2(L+1)⌉ Hillis–Steele steps, or one cumsum
+    return n, iterations + 1, scan_steps
+
+
+@dataclass(frozen=True)
+class Report:
+    """What ``explain()`` found. ``print(report)`` shows it; ``num_layers`` counts residual layers."""
+
+    records: tuple[GraphRecord, ...]
+    options: HbpOptions
+
+    @property
+    def num_layers(self) -> int:
+        return sum(r.num_layers for r in self.records)
+
+    @property
+    def chains(self) -> tuple[Chain, ...]:
+        return tuple(c for r in self.records if r.fallback is None and r.detection for c in r.detection.chains)
+
+    @property
+    def fallbacks(self) -> tuple[GraphRecord, ...]:
+        return tuple(r for r in self.records if r.fallback is not None)
+
+    def __str__(self) -> str:
+        return "\n".join(format_report(self.records, self.options))
+
+
+def format_report(records: Sequence[GraphRecord], options: HbpOptions) -> list[str]:
+    total = sum(r.num_layers for r in records)
+    lines = [f"hbp_compile: {len(records)} captured region(s), {total} residual layer(s), "
+             f"k={options.k}, gamma={options.gamma}"]
+    for record in records:
+        if record.fallback is not None:
+            lines.append(f"region {record.index}: exact backprop: {record.fallback.value}")
+            if record.reason:
+                lines.append(f"  reason: {record.reason}")
+            continue
+        assert record.detection is not None
+        for ci, chain in enumerate(record.detection.chains):
+            taps = ", ".join(f"h{t}" for t in chain.taps) or "none"
+            lines.append(f"region {record.index} chain {ci}: {chain.num_layers} layers, "
+                         f"{len(chain.groups)} group(s), taps: {taps}")
+            width = max([len(layer.module_path) for layer in chain.layers] + [6])
+            lines.append(f"  {'layer':>5}  {'module':<{width}}  group  {'kind':<8}  residual")
+            for layer in chain.layers:
+                lines.append(f"  {layer.index:>5}  {layer.module_path or '?':<{width}}  {layer.group:>5}  "
+                             f"{layer.kind.value:<8}  {layer.formula}")
+            bp, hbp, scan = backward_depth(chain, options.k)
+            lines.append(f"  backward depth in block VJPs: backprop {bp}, highway {hbp} "
+                         f"(+ {scan} scan step(s) per iteration)")
+        for note in record.detection.notes:
+            lines.append(f"  note: {note}")
+    return lines

@@ -1,0 +1,85 @@
+"""Rewrite stage: replace each detected chain in the aten graph by one ``ChainModule`` call.
+
+Before::
+
+    h1 = add(h0, block0(h0)); h2 = add(h1, block1(h1)); ...; out = epilogue(hL)
+
+After::
+
+    hbp_chain_0 = self.hbp_chain_0(h0, w0, b0, w1, b1, ...); hL = hbp_chain_0[0]; out = epilogue(hL)
+
+The prologue and epilogue stay ordinary aten ops under autograd. Invariants are checked before
+(every chain node is still in the graph) and after (the graph lints; the chain's outputs keep their
+shapes), and the node order of everything else is preserved so random ops draw in the same order.
+"""
+from __future__ import annotations
+
+import heapq
+import operator
+from collections.abc import Sequence
+
+import torch.fx as fx
+
+from .detect.model import Chain
+from .engine.highway import ChainModule, build_program
+
+
+class RewriteError(RuntimeError):
+    """An invariant of the rewrite failed; the backend falls back to exact backprop with this reason."""
+
+
+def stable_topological_sort(graph: fx.Graph) -> None:
+    """Reorder ``graph`` topologically, keeping the original order wherever it is already legal."""
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    waiting = {n: len(set(n.all_input_nodes)) for n in nodes}
+    ready = [(index[n], n) for n in nodes if waiting[n] == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        _, node = heapq.heappop(ready)
+        ordered.append(node)
+        for user in node.users:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, (index[user], user))
+    if len(ordered) != len(nodes):
+        raise RewriteError("the rewritten graph has a cycle")
+    for prev, node in zip(ordered, ordered[1:]):
+        prev.append(node)
+
+
+def chain_side_inputs(chain: Chain) -> tuple[fx.Node, ...]:
+    """Every layer's externals, deduplicated, in first-use order: the chain call's inputs after h_0."""
+    return tuple(dict.fromkeys(e for layer in chain.layers for e in layer.externals))
+
+
+def rewrite_chains(gm: fx.GraphModule, chains: Sequence[Chain], *, k: int, gamma: float) -> fx.GraphModule:
+    """Replace every chain in ``gm`` (in place) with a ``ChainModule`` call and return ``gm``."""
+    graph = gm.graph
+    present = set(graph.nodes)
+    for ci, chain in enumerate(chains):
+        inside = {n for layer in chain.layers for n in layer.nodes}
+        if not inside <= present:
+            raise RewriteError(f"chain {ci} refers to nodes that are not in the graph")
+        sides = chain_side_inputs(chain)
+        name = f"hbp_chain_{ci}"
+        gm.add_submodule(name, ChainModule(build_program(chain, sides, k=k, gamma=gamma)))
+        outputs = [chain.output] + [chain.layers[t - 1].y for t in chain.taps]
+        with graph.inserting_before(chain.output):
+            call = graph.call_module(name, (chain.h0, *sides))
+            call.meta.update({key: chain.output.meta[key] for key in ("stack_trace", "nn_module_stack")
+                              if key in chain.output.meta})
+            call.meta["val"] = tuple(o.meta.get("val") for o in outputs)
+            for j, old in enumerate(outputs):
+                new = graph.call_function(operator.getitem, (call, j))
+                new.meta.update(old.meta)
+                old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in inside)
+        for node in reversed(list(n for n in graph.nodes if n in inside)):
+            if node.users:
+                raise RewriteError(f"{node.format_node()} is still read after the rewrite")
+            graph.erase_node(node)
+    stable_topological_sort(graph)
+    graph.lint()
+    gm.recompile()
+    return gm
