@@ -5,9 +5,13 @@ A segment starts at a value ``x`` and ends at ``y`` when
 * ``x`` reaches ``y`` along a path of pointwise ops of ``x``'s shape and dtype (the residual path R),
 * the segment ``desc(x) ∩ anc(y)`` is closed: nothing inside it except ``y`` is read from outside, so
   ``y`` is the only value that leaves the layer, and
-* the segment contains a heavy op (matmul, convolution...) off R: the block ``g``.
+* the segment contains a heavy op (matmul, convolution...) off R: the block ``g``, and
+* no other read of ``x`` outside the segment flows back into the residual path right after ``y``
+  (that read belongs to the same layer, e.g. the ``tanh(B x)`` branch of ``sigmoid(A x)⊙x + tanh(B x)``;
+  a read that never rejoins, like a loss reading ``x``, is a tap).
 
-We take, for every ``x``, the first such ``y`` in topological order. This one rule covers ``x + B(x)``,
+We take, for every ``x``, the first such ``y`` in topological order, then extend it through unary
+pointwise ops that are its only reader (``relu(x + B(x))`` ends after the ``relu``). This one rule covers ``x + B(x)``,
 ``relu(x + B(x))`` and gated updates ``a⊙x + b`` (DESIGN.md §4).
 """
 from __future__ import annotations
@@ -89,6 +93,39 @@ def _why_not_segment(x: fx.Node, y: fx.Node, nodes: set[fx.Node]) -> str | None:
     return None
 
 
+def _rejoins_after(x: fx.Node, y: fx.Node, nodes: set[fx.Node], order: dict[fx.Node, int]) -> bool:
+    """Does a read of ``x`` outside the segment reach the residual path just after ``y``?"""
+    outside = [u for u in x.users if u not in nodes]
+    targets = set(_pointwise_successors(y, x))
+    if not outside or not targets:
+        return False
+    limit = max(order[t] for t in targets)
+    seen = set(outside)
+    stack = list(outside)
+    while stack:
+        node = stack.pop()
+        if node in targets:
+            return True
+        for user in node.users:
+            if user not in seen and order.get(user, limit + 1) <= limit:
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def _extend_through_unary(x: fx.Node, y: fx.Node, nodes: set[fx.Node]) -> fx.Node:
+    """Move ``y`` past pointwise ops that are its only reader and read nothing else from the layer."""
+    while len(y.users) == 1:
+        (user,) = y.users
+        if not (is_pointwise(user) and same_tensor_type(user, x)):
+            break
+        if any(arg is not y and (arg in nodes or arg is x) for arg in user.all_input_nodes):
+            break
+        nodes.add(user)
+        y = user
+    return y
+
+
 def segment_from(x: fx.Node, order: dict[fx.Node, int]) -> Segment | None:
     """The first residual segment starting at ``x``, or None."""
     if tensor_meta(x) is None:
@@ -103,7 +140,10 @@ def segment_from(x: fx.Node, order: dict[fx.Node, int]) -> Segment | None:
         seen.add(y)
         nodes = _interval(x, y, order)
         why = _why_not_segment(x, y, nodes)
+        if why is None and _rejoins_after(x, y, nodes, order):
+            why = "another read of x rejoins the residual path after this point"
         if why is None:
+            y = _extend_through_unary(x, y, nodes)
             residual = _residual_path(x, nodes, y)
             log.debug("segment %s -> %s: %d nodes", x.name, y.name, len(nodes))
             return Segment(
