@@ -29,5 +29,33 @@ def to_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) ->
         aten = make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode="fake")(*example_inputs)
     # make_fx records autograd's `detach`es of saved outputs and unused tuple items; drop them.
     aten.graph.eliminate_dead_code()
+    merge_repeated_input_ops(aten.graph)
     aten.recompile()
     return aten
+
+
+def merge_repeated_input_ops(graph: fx.Graph) -> int:
+    """Merge identical pure ops applied to graph inputs (``t(W)`` once per use of a shared weight).
+
+    Without it a weight shared by every layer (an RNN cell's) looks like a different input per layer
+    and would be stacked L times instead of broadcast. Random and mutating ops are never merged.
+    Returns the number of nodes merged.
+    """
+    seen: dict[tuple, fx.Node] = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        tags = node.target.tags
+        if torch.Tag.nondeterministic_seeded in tags or node.target._schema.is_mutable:
+            continue
+        if not all(arg.op in ("placeholder", "get_attr") for arg in node.all_input_nodes):
+            continue
+        key = (node.target, repr(node.args), repr(node.kwargs))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+            merged += 1
+        else:
+            seen[key] = node
+    return merged

@@ -7,7 +7,7 @@ import torch
 
 from hbp_compile import hbp_compile
 
-from .models import Gated, ReLUResidual, Stack, make, mlp_stack, transformer_stack
+from .models import Gated, PreLNMLP, ReLUResidual, Stack, make, mlp_stack, transformer_stack
 from .reference import autograd_grads, highway_reference_grads, max_relative_error
 
 TOL = 1e-8
@@ -28,6 +28,7 @@ MODELS = {
     "mlp-L8-d16-relu": (lambda: mlp_stack(8, d=16, hidden=8, act=torch.relu), (2, 5, 3)),
     "transformer-L6": (lambda: transformer_stack(6, d=8, hidden=16), (2, 5, 3)),
     "mlp-taps-L4": (lambda: mlp_stack(4, d=6, hidden=12, taps=True), (3, 3)),
+    "shared-weights-L4": (lambda: Stack([PreLNMLP(5, 7)] * 4, 3, 5, 2), (3, 3)),
 }
 
 

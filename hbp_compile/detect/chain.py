@@ -32,6 +32,31 @@ class Detection:
     num_segments: int
 
 
+def _absorb_input_prep(seg: Segment) -> Segment:
+    """Pull pure ops on graph inputs that only this layer reads (``t(W)``) into the segment.
+
+    The layer's externals are then the parameters themselves, so their gradients come back in the
+    parameters' own layout, and the prep op is batched with the layer instead of run per layer.
+    """
+    inside = set(seg.nodes)
+    prep: list[fx.Node] = []
+    for node in seg.nodes:
+        for arg in node.all_input_nodes:
+            if (
+                arg not in inside
+                and arg.op == "call_function"
+                and not is_random(arg)
+                and not is_mutating(arg)
+                and all(a.op in ("placeholder", "get_attr") for a in arg.all_input_nodes)
+                and all(u in inside for u in arg.users)
+            ):
+                inside.add(arg)
+                prep.append(arg)
+    if not prep:
+        return seg
+    return Segment(x=seg.x, y=seg.y, nodes=tuple(prep) + seg.nodes, residual=seg.residual)
+
+
 def _externals(seg: Segment) -> tuple[fx.Node, ...]:
     inside = set(seg.nodes)
     found: dict[fx.Node, None] = {}
@@ -144,6 +169,7 @@ def _build_chain(run: list[Segment]) -> Chain:
     layers: list[Layer] = []
     group_of: dict[str, int] = {}
     for i, seg in enumerate(run, start=1):
+        seg = _absorb_input_prep(seg)
         externals = _externals(seg)
         signature = _signature(seg, externals)
         group = group_of.setdefault(signature, len(group_of))
