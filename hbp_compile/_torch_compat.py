@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from torch._dynamo import register_backend as register_dynamo_backend  # noqa: F401
 from torch._dynamo import reset as reset_dynamo  # noqa: F401
+from torch._guards import detect_fake_mode  # noqa: F401
 from torch.fx.experimental.proxy_tensor import make_fx  # noqa: F401
+from torch.fx.experimental.symbolic_shapes import is_concrete_int  # noqa: F401
 from torch.fx.traceback import preserve_node_meta  # noqa: F401
 
 __all__ = [
+    "detect_fake_mode",
+    "is_concrete_int",
     "make_fx",
     "preserve_node_meta",
     "register_dynamo_backend",

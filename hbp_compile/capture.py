@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from ._torch_compat import make_fx, preserve_node_meta
+from ._torch_compat import is_concrete_int, make_fx, preserve_node_meta
 
 
 def to_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
@@ -29,9 +29,32 @@ def to_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) ->
         aten = make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode="fake")(*example_inputs)
     # make_fx records autograd's `detach`es of saved outputs and unused tuple items; drop them.
     aten.graph.eliminate_dead_code()
+    fold_static_sizes(aten.graph)
     merge_repeated_input_ops(aten.graph)
     aten.recompile()
     return aten
+
+
+_SIZE_OPS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int)
+
+
+def fold_static_sizes(graph: fx.Graph) -> int:
+    """Replace ``sym_size``-style nodes whose value is a plain int by that int.
+
+    Shapes are static here (``dynamic=False``); the nodes would otherwise reach ``vmap``, which has
+    no batching rule for them. Returns the number of nodes folded.
+    """
+    folded = 0
+    for node in list(graph.nodes):
+        value = node.meta.get("val")
+        if node.op == "call_function" and node.target in _SIZE_OPS and is_concrete_int(value):
+            value = int(value)
+            for user in list(node.users):
+                user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
+            graph.erase_node(node)
+            folded += 1
+    return folded
 
 
 def merge_repeated_input_ops(graph: fx.Graph) -> int:

@@ -20,8 +20,10 @@ from collections.abc import Sequence
 
 import torch.fx as fx
 
+from ._torch_compat import detect_fake_mode
 from .detect.model import Chain
-from .engine.highway import ChainModule, build_program
+from .engine.highway import ChainModule, ChainProgram, build_program, dry_run_backward
+from .engine.layer_graphs import random_nodes
 
 
 class RewriteError(RuntimeError):
@@ -49,6 +51,25 @@ def stable_topological_sort(graph: fx.Graph) -> None:
         prev.append(node)
 
 
+def _check_backward_traces(program: ChainProgram, chain: Chain, sides: Sequence[fx.Node]) -> None:
+    """Run the backward's batched graphs once on fake tensors, so that an op vmap cannot batch is
+    found now (and the graph falls back to exact backprop with the reason) rather than mid-training."""
+    vals = [chain.h0.meta.get("val"), *(s.meta.get("val") for s in sides)]
+    fake_mode = detect_fake_mode(vals)
+    if fake_mode is None:
+        raise RewriteError("the chain's inputs carry no fake tensors to check the backward with")
+    states = [chain.h0.meta["val"]] + [layer.y.meta["val"] for layer in chain.layers]
+    draws = [
+        tuple(n.meta["val"][1] if isinstance(n.meta["val"], tuple) else n.meta["val"] for n in random_nodes(layer))
+        for layer in chain.layers
+    ]
+    try:
+        with fake_mode:
+            dry_run_backward(program, states, [s.meta["val"] for s in sides], draws)
+    except Exception as exc:  # noqa: BLE001
+        raise RewriteError(f"the batched VJP of a layer group cannot be built: {type(exc).__name__}: {exc}") from exc
+
+
 def chain_side_inputs(chain: Chain) -> tuple[fx.Node, ...]:
     """Every layer's externals, deduplicated, in first-use order: the chain call's inputs after h_0."""
     return tuple(dict.fromkeys(e for layer in chain.layers for e in layer.externals))
@@ -63,8 +84,10 @@ def rewrite_chains(gm: fx.GraphModule, chains: Sequence[Chain], *, k: int, gamma
         if not inside <= present:
             raise RewriteError(f"chain {ci} refers to nodes that are not in the graph")
         sides = chain_side_inputs(chain)
+        program = build_program(chain, sides, k=k, gamma=gamma)
+        _check_backward_traces(program, chain, sides)
         name = f"hbp_chain_{ci}"
-        gm.add_submodule(name, ChainModule(build_program(chain, sides, k=k, gamma=gamma)))
+        gm.add_submodule(name, ChainModule(program))
         outputs = [chain.output] + [chain.layers[t - 1].y for t in chain.taps]
         with graph.inserting_before(chain.output):
             call = graph.call_module(name, (chain.h0, *sides))

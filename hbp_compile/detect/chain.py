@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from .kinds import classify_residual
 from .model import Chain, Group, Layer
-from .ops import is_mutating, is_random, module_path, same_tensor_type, tensor_meta
+from .ops import is_mutating, is_random, is_replayable_random, module_path, same_tensor_type, tensor_meta
 from .segments import Segment, find_residual_segments
 
 log = logging.getLogger("hbp_compile.detect")
@@ -112,8 +112,8 @@ def _why_unsafe(seg: Segment, h0: fx.Node, produced_by_chain: set[fx.Node]) -> s
     if not same_tensor_type(seg.x, h0) or not same_tensor_type(seg.y, h0):
         return f"state {seg.y.name} changes shape or dtype ({_describe(seg.y)} vs {_describe(h0)})"
     for node in seg.nodes:
-        if is_random(node):
-            return f"random op {node.format_node()} inside the block is not supported yet"
+        if is_random(node) and not is_replayable_random(node):
+            return f"random op {node.format_node()} inside the block cannot be replayed"
         if is_mutating(node):
             return f"mutating op {node.format_node()} inside the block"
     for ext in _externals(seg):

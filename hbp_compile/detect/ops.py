@@ -23,10 +23,51 @@ def is_pointwise(node: fx.Node) -> bool:
     return node.op == "call_function" and op is not None and torch.Tag.pointwise in op.tags
 
 
+def _argument(node: fx.Node, op: torch._ops.OpOverload, name: str) -> object:
+    for i, arg in enumerate(op._schema.arguments):
+        if arg.name == name:
+            if name in node.kwargs:
+                return node.kwargs[name]
+            if i < len(node.args):
+                return node.args[i]
+            return arg.default_value
+    return None
+
+
 def is_random(node: fx.Node) -> bool:
-    """True for ops that draw random numbers (dropout, bernoulli, rand...)."""
+    """True for ops that draw random numbers (dropout, bernoulli, rand...).
+
+    Ops tagged ``nondeterministic_seeded`` only because they *can* drop out (scaled-dot-product
+    attention with ``dropout_p=0``, ``native_dropout`` with ``train=False``) draw nothing and are not
+    random here.
+    """
     op = _overload(node)
-    return op is not None and torch.Tag.nondeterministic_seeded in op.tags
+    if op is None or torch.Tag.nondeterministic_seeded not in op.tags:
+        return False
+    if _argument(node, op, "dropout_p") == 0.0:
+        return False
+    if op.overloadpacket is torch.ops.aten.native_dropout and (
+        _argument(node, op, "train") is False or _argument(node, op, "p") == 0.0
+    ):
+        return False
+    return True
+
+
+# Random ops the engine can replay: the forward records what they drew, the backward reuses it.
+# native_dropout records its mask; the others' outputs do not depend differentiably on any input.
+REPLAYABLE_RANDOM = {
+    torch.ops.aten.native_dropout,
+    torch.ops.aten.rand_like,
+    torch.ops.aten.randn_like,
+    torch.ops.aten.rand,
+    torch.ops.aten.randn,
+    torch.ops.aten.bernoulli,
+}
+
+
+def is_replayable_random(node: fx.Node) -> bool:
+    op = _overload(node)
+    return is_random(node) and op is not None and op.overloadpacket in REPLAYABLE_RANDOM
 
 
 def is_mutating(node: fx.Node) -> bool:

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from ..detect.model import Chain, ResidualKind
-from .layer_graphs import layer_graph, split_layer_graph
+from .layer_graphs import layer_graph, random_nodes, split_layer_graph
 from .scans import reverse_cumsum, reverse_linear_scan
 
 
@@ -36,6 +36,7 @@ class GroupProgram:
     # the group (stacked) or a single one (broadcast).
     stacked: tuple[tuple[int, tuple[int, ...]], ...]
     broadcast: tuple[tuple[int, int], ...]
+    num_draws: int  # random ops per layer whose draws the forward records for the backward
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,15 @@ class ChainProgram:
     @property
     def identity_residual(self) -> bool:
         return all(g.kind is ResidualKind.IDENTITY for g in self.groups)
+
+    def split_draws(self, flat: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer, the draws its random ops made (``flat`` is in layer order)."""
+        out, start = [], 0
+        for group in self.layer_group:
+            count = self.groups[group].num_draws
+            out.append(tuple(flat[start: start + count]))
+            start += count
+        return out
 
 
 def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma: float) -> ChainProgram:
@@ -73,6 +83,7 @@ def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma:
                 kind=group.kind,
                 stacked=stacked,
                 broadcast=broadcast,
+                num_draws=len(random_nodes(template)),
             )
         )
     return ChainProgram(
@@ -90,7 +101,7 @@ class _BatchedGroup:
     """One group's vmapped split-layer forward, recorded once and reused by every VJP of a backward."""
 
     def __init__(self, prog: GroupProgram, states: Sequence[torch.Tensor], sides: Sequence[torch.Tensor],
-                 sides_need_grad: Sequence[bool]):
+                 sides_need_grad: Sequence[bool], draws: Sequence[Sequence[torch.Tensor]]):
         self.prog = prog
         self.index = torch.tensor(prog.layers, device=states[0].device)
         xs = torch.stack([states[p] for p in prog.layers])
@@ -110,8 +121,9 @@ class _BatchedGroup:
             args[p] = sides[i].detach().requires_grad_(sides_need_grad[i])
             if sides_need_grad[i]:
                 self.grad_leaves.append((args[p], i))
-        fn = torch.func.vmap(prog.split_fn, in_dims=(0, 0, *dims))
-        self.y = fn(self.x_r, self.x_g, *args)
+        replay = [torch.stack([draws[p][j] for p in prog.layers]) for j in range(prog.num_draws)]
+        fn = torch.func.vmap(prog.split_fn, in_dims=(0, 0, *dims, *[0] * len(replay)))
+        self.y = fn(self.x_r, self.x_g, *args, *replay)
 
     def residual_jacobian(self) -> torch.Tensor:
         """Diagonal of K for every layer of the group (r is elementwise in x, so a VJP with ones)."""
@@ -131,16 +143,33 @@ class _BatchedGroup:
         return [(g, where) for g, (_, where) in zip(grads, self.grad_leaves)]
 
 
+def dry_run_backward(program: ChainProgram, states: Sequence[torch.Tensor], sides: Sequence[torch.Tensor],
+                     draws: Sequence[Sequence[torch.Tensor]]) -> None:
+    """Build every group's batched graph and take one VJP of each kind (for fake tensors at compile time)."""
+    with torch.enable_grad():
+        for prog in program.groups:
+            b = _BatchedGroup(prog, states, sides, [s.is_floating_point() for s in sides], draws)
+            b.residual_jacobian()
+            b.block_vjp(torch.ones_like(b.y))
+            b.side_grads(torch.ones_like(b.y))
+
+
 class HighwayChain(torch.autograd.Function):
     """``(h_0, *sides) -> (h_L, *taps)`` with the Highway-BP backward of the module docstring."""
 
     @staticmethod
     def forward(ctx, program: ChainProgram, h0: torch.Tensor, *sides: torch.Tensor):  # type: ignore[override]
         states = [h0]
+        draws: list[torch.Tensor] = []  # what each layer's random ops drew, in layer order
         for group, side_idx in zip(program.layer_group, program.layer_sides):
-            states.append(program.groups[group].layer_fn(states[-1], *(sides[i] for i in side_idx)))
+            out = program.groups[group].layer_fn(states[-1], *(sides[i] for i in side_idx))
+            if program.groups[group].num_draws:
+                out, *drawn = out
+                draws.extend(drawn)
+            states.append(out)
         ctx.program = program
-        ctx.save_for_backward(*states, *sides)
+        ctx.num_sides = len(sides)
+        ctx.save_for_backward(*states, *sides, *draws)
         return (states[-1], *(states[t] for t in program.taps))
 
     @staticmethod
@@ -148,7 +177,8 @@ class HighwayChain(torch.autograd.Function):
         program: ChainProgram = ctx.program
         saved = ctx.saved_tensors
         n = program.num_layers
-        states, sides = saved[: n + 1], saved[n + 1:]
+        states, sides = saved[: n + 1], saved[n + 1: n + 1 + ctx.num_sides]
+        draws = program.split_draws(saved[n + 1 + ctx.num_sides:])
         sides_need_grad = ctx.needs_input_grad[2:]
         a = torch.zeros((n + 1, *states[-1].shape), dtype=states[-1].dtype, device=states[-1].device)
         if grad_out is not None:
@@ -157,7 +187,7 @@ class HighwayChain(torch.autograd.Function):
             if g is not None:
                 a[t] = g
         with torch.enable_grad():
-            batched = [_BatchedGroup(g, states, sides, sides_need_grad) for g in program.groups]
+            batched = [_BatchedGroup(g, states, sides, sides_need_grad, draws) for g in program.groups]
             w = _highway_iterations(program, batched, a)
             grads: list[torch.Tensor | None] = [None] * len(sides)
             for b in batched:

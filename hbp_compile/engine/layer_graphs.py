@@ -8,10 +8,44 @@
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
 from ..detect.model import Layer
+from ..detect.ops import is_random
+
+_aten = torch.ops.aten
+
+
+def random_nodes(layer: Layer) -> list[fx.Node]:
+    """The layer's random ops, in execution order: their draws are recorded by the forward."""
+    return [n for n in layer.nodes if is_random(n)]
+
+
+def _replay_dropout(x: torch.Tensor, mask: torch.Tensor, p: float, train: object = True):
+    # exactly what native_dropout computes, with the forward's mask
+    return _aten.mul(_aten.mul(x, mask), 1.0 / (1.0 - p)) if p < 1 else _aten.mul(x, 0.0), mask
+
+
+def _math_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    # The fused CPU attention kernel has no vmap batching rule (vmap would loop over layers); the
+    # math kernel decomposes into batched matmuls. Only output 0 is read (checked by the caller).
+    return _aten._scaled_dot_product_attention_math(
+        q, k, v, attn_mask, dropout_p, is_causal, scale=scale
+    )
+
+
+def _swap_fused_attention(graph: fx.Graph) -> None:
+    for node in graph.nodes:
+        if node.target is _aten._scaled_dot_product_flash_attention_for_cpu.default and all(
+            user.target is operator.getitem and user.args[1] == 0 for user in node.users
+        ):
+            node.target = _math_attention
+
+
+_VIEWS_TO_RESHAPE = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 
 
 def _copy_nodes(graph: fx.Graph, nodes, env: dict[fx.Node, fx.Node]) -> None:
@@ -20,7 +54,9 @@ def _copy_nodes(graph: fx.Graph, nodes, env: dict[fx.Node, fx.Node]) -> None:
 
 
 def layer_graph(layer: Layer) -> fx.GraphModule:
-    """``(x, *externals) -> y`` for one layer, nodes copied with their meta.
+    """``(x, *externals) -> y``, or ``-> (y, *draws)`` when the layer has random ops.
+
+    ``draws`` are what the random ops drew (a dropout's mask), for ``split_layer_graph`` to replay.
 
     >>> gm = layer_graph(chain.layers[0]); gm(h0, *externals)   # doctest: +SKIP
     """
@@ -28,20 +64,40 @@ def layer_graph(layer: Layer) -> fx.GraphModule:
     env = {layer.x: graph.placeholder("x")}
     env.update({e: graph.placeholder(f"side_{i}") for i, e in enumerate(layer.externals)})
     _copy_nodes(graph, layer.nodes, env)
-    graph.output(env[layer.y])
+    draws = [
+        graph.call_function(operator.getitem, (env[n], 1))
+        if n.target is _aten.native_dropout.default else env[n]
+        for n in random_nodes(layer)
+    ]
+    graph.output((env[layer.y], *draws) if draws else env[layer.y])
     return fx.GraphModule(torch.nn.Module(), graph, class_name="HbpLayer")
 
 
 def split_layer_graph(layer: Layer) -> fx.GraphModule:
-    """``(x_r, x_g, *externals) -> y``: the block sees ``x_g``, the residual path's direct reads see ``x_r``."""
+    """``(x_r, x_g, *externals, *draws) -> y``: the block sees ``x_g``, the residual path's direct
+    reads see ``x_r``, and random ops return the forward's ``draws`` instead of drawing again."""
     graph = fx.Graph()
     x_r, x_g = graph.placeholder("x_r"), graph.placeholder("x_g")
     sides = {e: graph.placeholder(f"side_{i}") for i, e in enumerate(layer.externals)}
+    draws = {n: graph.placeholder(f"draw_{i}") for i, n in enumerate(random_nodes(layer))}
     block_env = {layer.x: x_g, **sides}
-    _copy_nodes(graph, layer.nodes, block_env)
+    for node in layer.nodes:
+        if node not in draws:
+            block_env[node] = graph.node_copy(node, lambda n: block_env[n])
+        elif node.target is _aten.native_dropout.default:
+            args = fx.node.map_arg(node.args, lambda n: block_env[n])
+            block_env[node] = graph.call_function(_replay_dropout, (args[0], draws[node], *args[1:]))
+        else:
+            block_env[node] = draws[node]
     # Re-run only the residual path; its reads of block values come from the x_g pass above.
     residual_env = {**block_env, layer.x: x_r}
     _copy_nodes(graph, layer.residual, residual_env)
     graph.output(residual_env[layer.y])
     graph.eliminate_dead_code()
+    _swap_fused_attention(graph)
+    # Under vmap the batch dim can leave a tensor that `view` cannot reinterpret (a transposed
+    # layout); `reshape` gives the same values and copies only when it must. Backward-only graph.
+    for node in graph.nodes:
+        if node.target in _VIEWS_TO_RESHAPE:
+            node.target = torch.ops.aten.reshape.default
     return fx.GraphModule(torch.nn.Module(), graph, class_name="HbpSplitLayer")
