@@ -58,7 +58,11 @@ class HighwayModule(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["_orig_mod"], name)
+            # private names, and lookups before __init__ ran (unpickling, deepcopy), stay errors
+            original = self.__dict__.get("_modules", {}).get("_orig_mod")
+            if name.startswith("_") or original is None:
+                raise
+            return getattr(original, name)
 
     @property
     def hbp_report(self) -> Report:

@@ -152,7 +152,7 @@ def _runs(segments: dict[fx.Node, Segment], notes: list[str]) -> list[list[Segme
             seg = segments[x]
             if claimed.intersection(seg.nodes):
                 break
-            why = _why_unsafe(seg, start, produced - set(seg.nodes) if not run else produced)
+            why = _why_unsafe(seg, start, produced)
             if why is not None:
                 notes.append(f"layer {seg.x.name} -> {seg.y.name} not rewritten: {why}")
                 break
