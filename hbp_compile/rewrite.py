@@ -23,7 +23,7 @@ import torch.fx as fx
 from ._torch_compat import detect_fake_mode
 from .detect.model import Chain
 from .engine.highway import ChainModule, ChainProgram, build_program, dry_run_backward
-from .engine.layer_graphs import random_nodes
+from .engine.layer_graphs import draw_value, random_nodes
 
 
 class RewriteError(RuntimeError):
@@ -60,7 +60,7 @@ def _check_backward_traces(program: ChainProgram, chain: Chain, sides: Sequence[
         raise RewriteError("the chain's inputs carry no fake tensors to check the backward with")
     states = [chain.h0.meta["val"]] + [layer.y.meta["val"] for layer in chain.layers]
     draws = [
-        tuple(n.meta["val"][1] if isinstance(n.meta["val"], tuple) else n.meta["val"] for n in random_nodes(layer))
+        tuple(draw_value(n, n.meta["val"]) for n in random_nodes(layer))
         for layer in chain.layers
     ]
     try:

@@ -24,6 +24,14 @@ def random_nodes(layer: Layer) -> list[fx.Node]:
     return [n for n in layer.nodes if is_random(n)]
 
 
+def draw_value(node: fx.Node, value: object) -> object:
+    """The draw of random op ``node`` given its output ``value`` (an fx Node or a fake tensor):
+    a dropout's mask (output 1); for the other random ops, the output itself."""
+    if node.target is not _aten.native_dropout.default:
+        return value
+    return value.graph.call_function(operator.getitem, (value, 1)) if isinstance(value, fx.Node) else value[1]
+
+
 def _replay_dropout(x: torch.Tensor, mask: torch.Tensor, p: float, train: object = True):
     # exactly what native_dropout computes, with the forward's mask
     return _aten.mul(_aten.mul(x, mask), 1.0 / (1.0 - p)) if p < 1 else _aten.mul(x, 0.0), mask
@@ -64,11 +72,7 @@ def layer_graph(layer: Layer) -> fx.GraphModule:
     env = {layer.x: graph.placeholder("x")}
     env.update({e: graph.placeholder(f"side_{i}") for i, e in enumerate(layer.externals)})
     _copy_nodes(graph, layer.nodes, env)
-    draws = [
-        graph.call_function(operator.getitem, (env[n], 1))
-        if n.target is _aten.native_dropout.default else env[n]
-        for n in random_nodes(layer)
-    ]
+    draws = [draw_value(n, env[n]) for n in random_nodes(layer)]
     graph.output((env[layer.y], *draws) if draws else env[layer.y])
     return fx.GraphModule(torch.nn.Module(), graph, class_name="HbpLayer")
 
