@@ -6,12 +6,24 @@ from __future__ import annotations
 
 from torch._dynamo import register_backend as register_dynamo_backend  # noqa: F401
 from torch._dynamo import reset as reset_dynamo  # noqa: F401
+from torch import _guards
 from torch._guards import detect_fake_mode  # noqa: F401
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
 from torch.fx.experimental.proxy_tensor import make_fx  # noqa: F401
 from torch.fx.experimental.symbolic_shapes import is_concrete_int  # noqa: F401
 from torch.fx.traceback import preserve_node_meta  # noqa: F401
 
+
+
+def outside_dynamo_tracing():
+    """Our own fake-tensor tracing must not add symbols to the shape env of the dynamo frame that
+    is calling the backend (its guards would then refer to symbols with no source)."""
+    return _guards.tracing(None)
+
+
 __all__ = [
+    "FakeTensorMode",
+    "outside_dynamo_tracing",
     "detect_fake_mode",
     "is_concrete_int",
     "make_fx",

@@ -20,6 +20,7 @@ from .capture import to_aten_graph
 from .detect import Detection, find_residual_chains
 from .options import HbpOptions
 from .rewrite import rewrite_chains
+from .verify import forward_mismatch, needs_forward_check
 
 log = logging.getLogger("hbp_compile")
 
@@ -31,6 +32,7 @@ class Fallback(enum.Enum):
     CAPTURE_FAILED = "lowering to an aten graph failed"
     NO_CHAIN = "no residual chain found"
     REWRITE_FAILED = "the rewrite failed"
+    FORWARD_MISMATCH = "the rewritten forward does not reproduce the model's"
 
 
 @dataclass
@@ -82,12 +84,17 @@ class HbpBackend:
             return self._fallback(record, Fallback.NO_CHAIN, "; ".join(record.detection.notes))
         if self.explain_only:
             return gm.forward
+        check_forward = needs_forward_check(record.aten_graph.graph)
         try:
             record.rewritten = rewrite_chains(
                 record.aten_graph, record.detection.chains, k=self.options.k, gamma=self.options.gamma
             )
         except Exception as exc:  # noqa: BLE001
             return self._fallback(record, Fallback.REWRITE_FAILED, f"{type(exc).__name__}: {exc}", exc)
+        if check_forward:
+            mismatch = forward_mismatch(gm.forward, record.rewritten.forward, example_inputs)
+            if mismatch:
+                return self._fallback(record, Fallback.FORWARD_MISMATCH, mismatch)
         log.info("graph %d: %d residual layer(s) rewritten", record.index, record.num_layers)
         return record.rewritten.forward
 

@@ -12,7 +12,14 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from ._torch_compat import is_concrete_int, make_fx, preserve_node_meta
+from ._torch_compat import is_concrete_int, make_fx, outside_dynamo_tracing, preserve_node_meta
+
+
+def _interpreted(gm: fx.GraphModule):
+    def run(*args: torch.Tensor) -> object:
+        return fx.Interpreter(gm).run(*args)
+
+    return run
 
 
 def to_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
@@ -22,11 +29,13 @@ def to_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) ->
     >>> print(aten.code)                                   # doctest: +SKIP
     """
 
-    def run(*args: torch.Tensor) -> object:
-        return fx.Interpreter(gm).run(*args)
-
-    with preserve_node_meta():
-        aten = make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode="fake")(*example_inputs)
+    # Two passes: torch-level ops to aten first, then functionalize the aten graph. Functionalizing
+    # in one pass fails inside torch 2.13 for `F.dropout` on some inputs ("Cannot call numel() on
+    # tensor with symbolic sizes/strides"); on an aten graph dropout is already bernoulli + mul.
+    with preserve_node_meta(), outside_dynamo_tracing():
+        aten = make_fx(_interpreted(gm), tracing_mode="fake")(*example_inputs)
+        aten = make_fx(torch.func.functionalize(_interpreted(aten), remove="mutations"),
+                       tracing_mode="fake")(*example_inputs)
     # make_fx records autograd's `detach`es of saved outputs and unused tuple items; drop them.
     aten.graph.eliminate_dead_code()
     fold_static_sizes(aten.graph)

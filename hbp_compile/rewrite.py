@@ -20,7 +20,9 @@ from collections.abc import Sequence
 
 import torch.fx as fx
 
-from ._torch_compat import detect_fake_mode
+import torch
+
+from ._torch_compat import FakeTensorMode
 from .detect.model import Chain
 from .engine.highway import ChainModule, ChainProgram, build_program, dry_run_backward
 from .engine.layer_graphs import draw_value, random_nodes
@@ -54,18 +56,21 @@ def stable_topological_sort(graph: fx.Graph) -> None:
 def _check_backward_traces(program: ChainProgram, chain: Chain, sides: Sequence[fx.Node]) -> None:
     """Run the backward's batched graphs once on fake tensors, so that an op vmap cannot batch is
     found now (and the graph falls back to exact backprop with the reason) rather than mid-training."""
-    vals = [chain.h0.meta.get("val"), *(s.meta.get("val") for s in sides)]
-    fake_mode = detect_fake_mode(vals)
-    if fake_mode is None:
-        raise RewriteError("the chain's inputs carry no fake tensors to check the backward with")
-    states = [chain.h0.meta["val"]] + [layer.y.meta["val"] for layer in chain.layers]
-    draws = [
-        tuple(draw_value(n, n.meta["val"]) for n in random_nodes(layer))
-        for layer in chain.layers
-    ]
+    mode = FakeTensorMode()
+
+    def fake(value: object) -> torch.Tensor:
+        # Fresh fake tensors of one mode: the graph's own values may come from several tracing passes.
+        if not isinstance(value, torch.Tensor):
+            raise RewriteError("a chain input carries no tensor metadata to check the backward with")
+        with mode:
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+
+    states = [fake(chain.h0.meta.get("val"))] + [fake(layer.y.meta.get("val")) for layer in chain.layers]
+    draws = [tuple(fake(draw_value(n, n.meta["val"])) for n in random_nodes(layer)) for layer in chain.layers]
+    side_values = [fake(s.meta.get("val")) for s in sides]
     try:
-        with fake_mode:
-            dry_run_backward(program, states, [s.meta["val"] for s in sides], draws)
+        with mode:
+            dry_run_backward(program, states, side_values, draws)
     except Exception as exc:  # noqa: BLE001
         raise RewriteError(f"the batched VJP of a layer group cannot be built: {type(exc).__name__}: {exc}") from exc
 

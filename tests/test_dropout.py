@@ -1,9 +1,7 @@
-"""Random ops inside blocks: the forward draws in the original order, the backward replays those draws.
-
-`F.dropout` itself does not capture yet (make_fx + functionalize fails inside torch on its input; the
-graph then trains with exact backprop and a warning): these tests draw with `rand_like`, which is the
-same replay path."""
+"""Random ops inside blocks: the forward draws in the original order, the backward replays those draws."""
+import pytest
 import torch
+import torch.nn.functional as F
 
 from hbp_compile import explain, hbp_compile
 
@@ -17,14 +15,21 @@ def manual_dropout(x, p, training):
     return x * (torch.rand_like(x) > p) / (1 - p)
 
 
-class DropoutMLP(PreLNMLP):
+class RandLikeMLP(PreLNMLP):
     def block(self, x):
         return manual_dropout(self.fc2(manual_dropout(self.act(self.fc1(self.ln(x))), 0.3, self.training)),
                               0.1, self.training)
 
 
-def test_dropout_forward_identical_and_exact_at_k_ge_depth():
-    model = make(Stack([DropoutMLP(6, 12) for _ in range(4)], 3, 6, 2)).train()
+class DropoutMLP(PreLNMLP):
+    def block(self, x):
+        return F.dropout(self.fc2(F.dropout(self.act(self.fc1(self.ln(x))), 0.3, self.training)), 0.1,
+                         self.training)
+
+
+@pytest.mark.parametrize("block", [DropoutMLP, RandLikeMLP], ids=["F.dropout", "rand_like"])
+def test_dropout_forward_identical_and_exact_at_k_ge_depth(block):
+    model = make(Stack([block(6, 12) for _ in range(4)], 3, 6, 2)).train()
     x = torch.randn(5, 3, dtype=torch.float64)
     assert explain(model, x).num_layers == 4
     torch.manual_seed(123)
@@ -54,3 +59,24 @@ def test_eval_mode_has_no_draws():
     out = compiled(x)
     assert torch.equal(out, model(x))
     assert compiled.hbp_report.num_layers == 3
+
+
+def test_attention_dropout_falls_back_loudly_and_stays_exact():
+    """Traced attention dropout draws other numbers than eager: the compile-time forward check sees
+    it, and the graph trains with exact backprop and says so."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.2, batch_first=True, norm_first=True)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    torch.manual_seed(1)
+    want_out = model(x).pow(2).mean()
+    want_out.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = hbp_compile(model, k=0, backend="eager")
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="rewritten forward does not reproduce the model's"):
+        out = compiled(x).pow(2).mean()
+    assert torch.equal(out, want_out)
+    out.backward()
+    assert max_relative_error({n: p.grad for n, p in model.named_parameters()}, want) < 1e-12

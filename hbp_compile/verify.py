@@ -1,0 +1,55 @@
+"""Compile-time check that the rewritten graph computes the model's forward, bit for bit.
+
+Deterministic, non-mutating graphs run the same aten ops in the same order and need no check. A
+graph with random ops or buffer updates can go wrong in ways no static rule sees (a kernel that eager
+mode picks differently from tracing draws other random numbers), so for those the backend runs the
+captured graph and the rewritten one once on clones of the real example inputs, from the same
+random-number state, and compares outputs and mutated inputs. The global RNG state is restored.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .detect.ops import is_mutating, is_random
+
+
+def needs_forward_check(graph: fx.Graph) -> bool:
+    """Random ops or mutations anywhere in the graph."""
+    return any(is_random(n) or is_mutating(n) for n in graph.nodes)
+
+
+def _run(fn: Callable, inputs: Sequence[object], cpu_state: torch.Tensor, cuda_states: list) -> tuple:
+    args = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in inputs]
+    torch.random.set_rng_state(cpu_state)
+    if cuda_states:
+        torch.cuda.set_rng_state_all(cuda_states)
+    with torch.no_grad():
+        out = fn(*args)
+    return pytree.tree_leaves(out), args
+
+
+def _identical(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+            torch.nan_to_num(a.detach()), torch.nan_to_num(b.detach())) and torch.equal(a.isnan(), b.isnan())
+    return type(a) is type(b) and a == b
+
+
+def forward_mismatch(original: Callable, rewritten: Callable, inputs: Sequence[object]) -> str | None:
+    """None when both give identical outputs and input mutations; else what differs."""
+    on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in inputs)
+    devices = list(range(torch.cuda.device_count())) if on_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        cpu_state = torch.random.get_rng_state()
+        cuda_states = torch.cuda.get_rng_state_all() if devices else []
+        want_out, want_args = _run(original, inputs, cpu_state, cuda_states)
+        got_out, got_args = _run(rewritten, inputs, cpu_state, cuda_states)
+    if len(want_out) != len(got_out) or not all(map(_identical, want_out, got_out)):
+        return "the rewritten graph's outputs differ from the model's under the same random seed"
+    if not all(map(_identical, want_args, got_args)):
+        return "the rewritten graph updates buffers differently from the model"
+    return None
