@@ -68,9 +68,10 @@ def _check_backward_traces(program: ChainProgram, chain: Chain, sides: Sequence[
     states = [fake(chain.h0.meta.get("val"))] + [fake(layer.y.meta.get("val")) for layer in chain.layers]
     draws = [tuple(fake(draw_value(n, n.meta["val"])) for n in random_nodes(layer)) for layer in chain.layers]
     side_values = [fake(s.meta.get("val")) for s in sides]
+    need_grad = [bool(getattr(s.meta.get("val"), "requires_grad", False)) for s in sides]
     try:
         with mode:
-            dry_run_backward(program, states, side_values, draws)
+            dry_run_backward(program, states, side_values, need_grad, draws)
     except Exception as exc:  # noqa: BLE001
         raise RewriteError(f"the batched VJP of a layer group cannot be built: {type(exc).__name__}: {exc}") from exc
 
@@ -93,7 +94,8 @@ def rewrite_chains(gm: fx.GraphModule, chains: Sequence[Chain], *, k: int, gamma
         _check_backward_traces(program, chain, sides)
         name = f"hbp_chain_{ci}"
         gm.add_submodule(name, ChainModule(program))
-        outputs = [chain.output] + [chain.layers[t - 1].y for t in chain.taps]
+        side_outputs = [n for layer in chain.layers for n in layer.side_outputs]
+        outputs = [chain.output] + [chain.layers[t - 1].y for t in chain.taps] + side_outputs
         with graph.inserting_before(chain.output):
             call = graph.call_module(name, (chain.h0, *sides))
             call.meta.update({key: chain.output.meta[key] for key in ("stack_trace", "nn_module_stack")

@@ -34,3 +34,82 @@ def test_pre_ln_transformer_encoder_gradients(k):
     out.backward()
     err = max_relative_error({n: p.grad for n, p in model.named_parameters()}, want)
     assert err < 1e-8 if k >= 6 else err > 1e-6
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gpt2_with_dropout_and_kv_cache():
+    """transformers' GPT2LMHeadModel, unmodified: default dropout (0.1) and use_cache=True, so every
+    attention layer returns its keys/values (side outputs) as the model's outputs."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double().train()
+    ids = torch.randint(0, 50, (2, 7))
+    report = explain(model, ids)
+    assert report.num_layers == 6
+    assert [layer.module_path for layer in report.chains[0].layers] == [
+        "transformer.h.0", "transformer.h.0", "transformer.h.1", "transformer.h.1",
+        "transformer.h.2", "transformer.h.2"]
+    torch.manual_seed(5)
+    want_out = model(ids).logits.pow(2).mean()
+    want_out.backward()
+    want = _grads(model)
+    model.zero_grad()
+    compiled = hbp_compile(model, k=6, backend="eager")
+    torch.manual_seed(5)
+    out = compiled(ids).logits.pow(2).mean()
+    assert torch.equal(out, want_out), "same seed, same dropout masks, same output"
+    out.backward()
+    assert max_relative_error(_grads(model), want) < 1e-8
+
+
+class BasicBlock(torch.nn.Module):
+    """The original ResNet's post-activation block: relu(x + bn(conv(relu(bn(conv(x))))))."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(c)
+        self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class Downsample(torch.nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(c_out)
+        self.proj = torch.nn.Conv2d(c_in, c_out, 1, stride=2, bias=False)
+
+    def forward(self, x):
+        return torch.relu(self.proj(x) + self.bn(self.conv(x)))
+
+
+def small_resnet():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), BasicBlock(4), BasicBlock(4), BasicBlock(4),
+        Downsample(4, 8), BasicBlock(8), BasicBlock(8),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3),
+    ).double()
+
+
+def test_resnet_with_batchnorm_and_downsampling():
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    report = explain(small_resnet(), x)
+    assert [c.num_layers for c in report.chains] == [3, 2]  # one chain per stage
+    reference, model = small_resnet(), small_resnet()
+    reference(x).pow(2).mean().backward()
+    compiled = hbp_compile(model, k=3, backend="eager")
+    out = compiled(x).pow(2).mean()
+    out.backward()
+    assert max_relative_error(_grads(model), _grads(reference)) < 1e-8
+    for (name, want), got in zip(reference.named_buffers(), model.buffers()):
+        assert torch.equal(got, want), f"buffer {name} must move exactly as in the original model"

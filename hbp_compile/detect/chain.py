@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from .kinds import classify_residual
 from .model import Chain, Group, Layer
-from .ops import is_mutating, is_random, is_replayable_random, module_path, same_tensor_type, tensor_meta
+from .ops import is_light, is_mutating, is_random, is_replayable_random, module_path, same_tensor_type, tensor_meta
 from .segments import Segment, find_residual_segments
 
 log = logging.getLogger("hbp_compile.detect")
@@ -33,7 +33,7 @@ class Detection:
 
 
 def _absorb_input_prep(seg: Segment) -> Segment:
-    """Pull pure ops on graph inputs that only this layer reads (``t(W)``) into the segment.
+    """Pull light pure ops on graph inputs that only this layer reads (``t(W)``) into the segment.
 
     The layer's externals are then the parameters themselves, so their gradients come back in the
     parameters' own layout, and the prep op is batched with the layer instead of run per layer.
@@ -44,7 +44,9 @@ def _absorb_input_prep(seg: Segment) -> Segment:
         for arg in node.all_input_nodes:
             if (
                 arg not in inside
+                and arg is not seg.x
                 and arg.op == "call_function"
+                and is_light(arg)
                 and not is_random(arg)
                 and not is_mutating(arg)
                 and all(a.op in ("placeholder", "get_attr") for a in arg.all_input_nodes)
@@ -72,6 +74,11 @@ def _describe(node: fx.Node) -> str:
     return f"{tuple(val.shape)}:{val.dtype}" if val is not None else type(node.meta.get("val")).__name__
 
 
+def _side_outputs(seg: Segment) -> tuple[fx.Node, ...]:
+    inside = set(seg.nodes)
+    return tuple(n for n in seg.nodes if n is not seg.y and any(u not in inside for u in n.users))
+
+
 def _signature(seg: Segment, externals: tuple[fx.Node, ...]) -> str:
     """Structural hash: op targets, argument structure, shapes and dtypes; not the node identities."""
     local = {n: f"%{i}" for i, n in enumerate(seg.nodes)}
@@ -81,6 +88,7 @@ def _signature(seg: Segment, externals: tuple[fx.Node, ...]) -> str:
     for node in seg.nodes:
         args = fx.node.map_arg((node.args, node.kwargs), lambda n: local[n])
         parts.append(f"{node.target}{args}->{_describe(node)}")
+    parts.append(f"side outputs: {[local[n] for n in _side_outputs(seg)]}")
     return "\n".join(parts)
 
 
@@ -182,10 +190,11 @@ def _build_chain(run: list[Segment]) -> Chain:
                 nodes=seg.nodes,
                 residual=seg.residual,
                 externals=externals,
+                side_outputs=_side_outputs(seg),
                 kind=kind,
                 formula=formula,
                 group=group,
-                module_path=_common_module_path(seg.nodes),
+                module_path=_common_module_path([n for n in seg.nodes if not is_light(n)] or seg.nodes),
                 signature=signature,
             )
         )
@@ -195,7 +204,9 @@ def _build_chain(run: list[Segment]) -> Chain:
         first = layers[members[0]]
         stacked, broadcast = [], []
         for p in range(len(first.externals)):
-            same = all(layers[m].externals[p] is first.externals[p] for m in members)
+            # A one-layer group stacks everything (size 1): "shared" needs two layers, and a value a
+            # layer updates in place (BatchNorm's running stats) must be batched under vmap.
+            same = len(members) > 1 and all(layers[m].externals[p] is first.externals[p] for m in members)
             (broadcast if same else stacked).append(p)
         groups.append(Group(g, members, tuple(stacked), tuple(broadcast), first.kind))
     taps = tuple(

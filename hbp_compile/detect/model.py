@@ -26,7 +26,8 @@ class Layer:
 
     ``nodes`` is the layer's segment (topological order, ``y`` last); ``residual`` is the subset on the
     pointwise path from ``x`` to ``y``; ``externals`` are the side inputs (weights, masks) in the order
-    they are first used, the same order for every layer of a group.
+    they are first used, the same order for every layer of a group. ``side_outputs`` are block values
+    that leave the layer to a sink only (a KV cache returned by the model, BatchNorm's running stats).
     """
 
     index: int
@@ -35,6 +36,7 @@ class Layer:
     nodes: tuple[fx.Node, ...]
     residual: tuple[fx.Node, ...]
     externals: tuple[fx.Node, ...]
+    side_outputs: tuple[fx.Node, ...]
     kind: ResidualKind
     formula: str
     group: int

@@ -76,13 +76,31 @@ def is_mutating(node: fx.Node) -> bool:
     return op is not None and op._schema.is_mutable
 
 
+def is_sink(node: fx.Node) -> bool:
+    """A reader that feeds nothing else: the graph output, or a ``copy_`` into a graph input (a
+    functionalized buffer update such as BatchNorm's running statistics)."""
+    if node.op == "output":
+        return True
+    return node.target is torch.ops.aten.copy_.default and node.args[0].op == "placeholder"
+
+
+# Ops that read only their input's shape: with the random ops, they make masks, not blocks.
+_FACTORIES = {
+    torch.ops.aten.empty_like, torch.ops.aten.zeros_like, torch.ops.aten.ones_like, torch.ops.aten.full_like,
+    torch.ops.aten.empty, torch.ops.aten.zeros, torch.ops.aten.ones, torch.ops.aten.full,
+}
+
+
 def is_light(node: fx.Node) -> bool:
-    """Pointwise, reduction, view or tuple access: the ops that alone do not make a block worth a layer."""
+    """Pointwise, reduction, view, tuple access, factory or random ops: the ops that alone do not make
+    a block worth a layer (``x * bernoulli(empty_like(x))`` is a dropout, not a layer)."""
     if node.target is operator.getitem:
         return True
     op = _overload(node)
     if op is None:
         return False
+    if op.overloadpacket in _FACTORIES or torch.Tag.nondeterministic_seeded in op.tags:
+        return True
     return torch.Tag.pointwise in op.tags or torch.Tag.reduction in op.tags or op.is_view
 
 

@@ -3,8 +3,9 @@
 A segment starts at a value ``x`` and ends at ``y`` when
 
 * ``x`` reaches ``y`` along a path of pointwise ops of ``x``'s shape and dtype (the residual path R),
-* the segment ``desc(x) ∩ anc(y)`` is closed: nothing inside it except ``y`` is read from outside, so
-  ``y`` is the only value that leaves the layer, and
+* the segment ``desc(x) ∩ anc(y)`` is closed: nothing inside it except ``y`` is read from outside,
+  except by sinks (the graph output, a buffer update): those values are the layer's *side outputs*
+  (GPT-2's KV cache, BatchNorm's running statistics), and
 * the segment contains a heavy op (matmul, convolution...) off R: the block ``g``, and
 * no other read of ``x`` outside the segment flows back into the residual path right after ``y``
   (that read belongs to the same layer, e.g. the ``tanh(B x)`` branch of ``sigmoid(A x)⊙x + tanh(B x)``;
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from .ops import is_light, is_pointwise, same_tensor_type, tensor_meta
+from .ops import is_light, is_pointwise, is_sink, same_tensor_type, tensor_meta
 
 log = logging.getLogger("hbp_compile.detect")
 
@@ -84,7 +85,7 @@ def _residual_path(x: fx.Node, nodes: set[fx.Node], y: fx.Node) -> set[fx.Node]:
 
 
 def _why_not_segment(x: fx.Node, y: fx.Node, nodes: set[fx.Node]) -> str | None:
-    if any(u not in nodes for n in nodes if n is not y for u in n.users):
+    if any(u not in nodes and not is_sink(u) for n in nodes if n is not y for u in n.users):
         return "an intermediate value is read outside the segment"
     if all(is_pointwise(n) for n in nodes):
         return "no block: the path is pointwise only"

@@ -37,6 +37,15 @@ class GroupProgram:
     stacked: tuple[tuple[int, tuple[int, ...]], ...]
     broadcast: tuple[tuple[int, int], ...]
     num_draws: int  # random ops per layer whose draws the forward records for the backward
+    # per side output of a layer (a value leaving the block to a sink): can it carry a gradient?
+    side_differentiable: tuple[bool, ...] = ()
+
+    def unpack(self, out: object) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """A layer graph's result as (y, side outputs, draws)."""
+        if not self.side_differentiable and not self.num_draws:
+            return out, (), ()  # type: ignore[return-value]
+        n_side = len(self.side_differentiable)
+        return out[0], tuple(out[1: 1 + n_side]), tuple(out[1 + n_side:])  # type: ignore[index]
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,14 @@ class ChainProgram:
     @property
     def identity_residual(self) -> bool:
         return all(g.kind is ResidualKind.IDENTITY for g in self.groups)
+
+    def side_offsets(self) -> list[int]:
+        """Index of each layer's first side output among the chain's flat side outputs."""
+        offsets, start = [], 0
+        for group in self.layer_group:
+            offsets.append(start)
+            start += len(self.groups[group].side_differentiable)
+        return offsets
 
     def split_draws(self, flat: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
         """Per layer, the draws its random ops made (``flat`` is in layer order)."""
@@ -84,6 +101,9 @@ def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma:
                 stacked=stacked,
                 broadcast=broadcast,
                 num_draws=len(random_nodes(template)),
+                side_differentiable=tuple(
+                    bool(getattr(n.meta.get("val"), "requires_grad", False)) for n in template.side_outputs
+                ),
             )
         )
     return ChainProgram(
@@ -123,7 +143,30 @@ class _BatchedGroup:
                 self.grad_leaves.append((args[p], i))
         replay = [torch.stack([draws[p][j] for p in prog.layers]) for j in range(prog.num_draws)]
         fn = torch.func.vmap(prog.split_fn, in_dims=(0, 0, *dims, *[0] * len(replay)))
-        self.y = fn(self.x_r, self.x_g, *args, *replay)
+        out = fn(self.x_r, self.x_g, *args, *replay)
+        self.y, self.side = (out[0], tuple(out[1:])) if prog.side_differentiable else (out, ())
+        self.side_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def side_output_cotangents(self, grads: Sequence[torch.Tensor | None], offsets: Sequence[int]) -> torch.Tensor | None:
+        """Take the cotangents of the group's side outputs; return their gradient on the input states.
+
+        A side output read by the loss (a returned KV cache) adds ``c · ∂s_p/∂h_p`` to the cotangent
+        of its layer's input state, like a tap, and ``c · ∂s_p/∂θ_p`` to the weight gradients.
+        """
+        for j, (value, differentiable) in enumerate(zip(self.side, self.prog.side_differentiable)):
+            given = [(i, grads[offsets[p] + j]) for i, p in enumerate(self.prog.layers)]
+            if not differentiable or all(g is None for _, g in given):
+                continue
+            cot = torch.zeros_like(value)
+            for i, g in given:
+                if g is not None:
+                    cot[i] = g
+            self.side_pairs.append((value, cot))
+        if not self.side_pairs:
+            return None
+        (dx,) = torch.autograd.grad([v for v, _ in self.side_pairs], self.x_g, [c for _, c in self.side_pairs],
+                                    retain_graph=True, allow_unused=True)
+        return dx
 
     def residual_jacobian(self) -> torch.Tensor:
         """Diagonal of K for every layer of the group (r is elementwise in x, so a VJP with ones)."""
@@ -133,22 +176,24 @@ class _BatchedGroup:
         return k
 
     def block_vjp(self, cotangent: torch.Tensor) -> torch.Tensor:
-        (v,) = torch.autograd.grad(self.y, self.x_g, cotangent, retain_graph=True)
-        return v
+        (v,) = torch.autograd.grad(self.y, self.x_g, cotangent, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(self.x_g) if v is None else v
 
     def side_grads(self, cotangent: torch.Tensor) -> list[tuple[torch.Tensor, int | tuple[int, ...]]]:
         if not self.grad_leaves:
             return []
-        grads = torch.autograd.grad(self.y, [leaf for leaf, _ in self.grad_leaves], cotangent)
-        return [(g, where) for g, (_, where) in zip(grads, self.grad_leaves)]
+        outputs = [self.y] + [v for v, _ in self.side_pairs]
+        cotangents = [cotangent] + [c for _, c in self.side_pairs]
+        grads = torch.autograd.grad(outputs, [leaf for leaf, _ in self.grad_leaves], cotangents, allow_unused=True)
+        return [(g, where) for g, (_, where) in zip(grads, self.grad_leaves) if g is not None]
 
 
 def dry_run_backward(program: ChainProgram, states: Sequence[torch.Tensor], sides: Sequence[torch.Tensor],
-                     draws: Sequence[Sequence[torch.Tensor]]) -> None:
+                     sides_need_grad: Sequence[bool], draws: Sequence[Sequence[torch.Tensor]]) -> None:
     """Build every group's batched graph and take one VJP of each kind (for fake tensors at compile time)."""
     with torch.enable_grad():
         for prog in program.groups:
-            b = _BatchedGroup(prog, states, sides, [s.is_floating_point() for s in sides], draws)
+            b = _BatchedGroup(prog, states, sides, sides_need_grad, draws)
             b.residual_jacobian()
             b.block_vjp(torch.ones_like(b.y))
             b.side_grads(torch.ones_like(b.y))
@@ -161,19 +206,23 @@ class HighwayChain(torch.autograd.Function):
     def forward(ctx, program: ChainProgram, h0: torch.Tensor, *sides: torch.Tensor):  # type: ignore[override]
         states = [h0]
         draws: list[torch.Tensor] = []  # what each layer's random ops drew, in layer order
+        side_outputs: list[torch.Tensor] = []
+        frozen: list[torch.Tensor] = []
         for group, side_idx in zip(program.layer_group, program.layer_sides):
-            out = program.groups[group].layer_fn(states[-1], *(sides[i] for i in side_idx))
-            if program.groups[group].num_draws:
-                out, *drawn = out
-                draws.extend(drawn)
-            states.append(out)
+            prog = program.groups[group]
+            y, side, drawn = prog.unpack(prog.layer_fn(states[-1], *(sides[i] for i in side_idx)))
+            states.append(y)
+            draws.extend(drawn)
+            side_outputs.extend(side)
+            frozen.extend(v for v, d in zip(side, prog.side_differentiable) if not d)
         ctx.program = program
         ctx.num_sides = len(sides)
         ctx.save_for_backward(*states, *sides, *draws)
-        return (states[-1], *(states[t] for t in program.taps))
+        ctx.mark_non_differentiable(*frozen)
+        return (states[-1], *(states[t] for t in program.taps), *side_outputs)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor | None, *grad_taps: torch.Tensor | None):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor | None, *grad_rest: torch.Tensor | None):  # type: ignore[override]
         program: ChainProgram = ctx.program
         saved = ctx.saved_tensors
         n = program.num_layers
@@ -183,11 +232,17 @@ class HighwayChain(torch.autograd.Function):
         a = torch.zeros((n + 1, *states[-1].shape), dtype=states[-1].dtype, device=states[-1].device)
         if grad_out is not None:
             a[n] = grad_out
-        for t, g in zip(program.taps, grad_taps):
+        for t, g in zip(program.taps, grad_rest):
             if g is not None:
                 a[t] = g
+        grad_side_outputs = grad_rest[len(program.taps):]
         with torch.enable_grad():
             batched = [_BatchedGroup(g, states, sides, sides_need_grad, draws) for g in program.groups]
+            offsets = program.side_offsets()
+            for b in batched:
+                dx = b.side_output_cotangents(grad_side_outputs, offsets)
+                if dx is not None:
+                    a[b.index] += dx
             w = _highway_iterations(program, batched, a)
             grads: list[torch.Tensor | None] = [None] * len(sides)
             for b in batched:

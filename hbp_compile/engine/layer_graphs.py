@@ -62,7 +62,7 @@ def _copy_nodes(graph: fx.Graph, nodes, env: dict[fx.Node, fx.Node]) -> None:
 
 
 def layer_graph(layer: Layer) -> fx.GraphModule:
-    """``(x, *externals) -> y``, or ``-> (y, *draws)`` when the layer has random ops.
+    """``(x, *externals) -> y``, or ``-> (y, *side_outputs, *draws)`` when the layer has either.
 
     ``draws`` are what the random ops drew (a dropout's mask), for ``split_layer_graph`` to replay.
 
@@ -73,13 +73,14 @@ def layer_graph(layer: Layer) -> fx.GraphModule:
     env.update({e: graph.placeholder(f"side_{i}") for i, e in enumerate(layer.externals)})
     _copy_nodes(graph, layer.nodes, env)
     draws = [draw_value(n, env[n]) for n in random_nodes(layer)]
-    graph.output((env[layer.y], *draws) if draws else env[layer.y])
+    extra = [env[n] for n in layer.side_outputs] + draws
+    graph.output((env[layer.y], *extra) if extra else env[layer.y])
     return fx.GraphModule(torch.nn.Module(), graph, class_name="HbpLayer")
 
 
 def split_layer_graph(layer: Layer) -> fx.GraphModule:
-    """``(x_r, x_g, *externals, *draws) -> y``: the block sees ``x_g``, the residual path's direct
-    reads see ``x_r``, and random ops return the forward's ``draws`` instead of drawing again."""
+    """``(x_r, x_g, *externals, *draws) -> y`` (or ``(y, *side_outputs)``): the block sees ``x_g``, the
+    residual path's direct reads see ``x_r``, and random ops return the forward's ``draws``."""
     graph = fx.Graph()
     x_r, x_g = graph.placeholder("x_r"), graph.placeholder("x_g")
     sides = {e: graph.placeholder(f"side_{i}") for i, e in enumerate(layer.externals)}
@@ -96,7 +97,8 @@ def split_layer_graph(layer: Layer) -> fx.GraphModule:
     # Re-run only the residual path; its reads of block values come from the x_g pass above.
     residual_env = {**block_env, layer.x: x_r}
     _copy_nodes(graph, layer.residual, residual_env)
-    graph.output(residual_env[layer.y])
+    side = [block_env[n] for n in layer.side_outputs]
+    graph.output((residual_env[layer.y], *side) if side else residual_env[layer.y])
     graph.eliminate_dead_code()
     _swap_fused_attention(graph)
     # Under vmap the batch dim can leave a tensor that `view` cannot reinterpret (a transposed
