@@ -83,6 +83,29 @@ class Gated(ResidualBlock):
         return z[0] * x + z[1]
 
 
+class PostLN(ResidualBlock):
+    """LayerNorm(x + tanh(fc(x))), split as HIGHWAY_BP.md §1 says: the block also yields the norm's
+    statistics, the residual is (x + z0 - mean)·rstd·w + b, so K = diag(rstd·w)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+
+    def block(self, x):
+        z = torch.tanh(self.fc(x))
+        s = x + z
+        var = s.var(-1, unbiased=False, keepdim=True)
+        return z, s.mean(-1, keepdim=True), (var + self.ln.eps).rsqrt()
+
+    def residual(self, x, z):
+        b, mean, rstd = z
+        return (x + b - mean) * rstd * self.ln.weight + self.ln.bias
+
+    def forward(self, x):
+        return self.ln(x + torch.tanh(self.fc(x)))
+
+
 class Stack(nn.Module):
     """prologue -> residual blocks -> epilogue. ``taps=True``: the output sums a head over every state."""
 

@@ -3,7 +3,7 @@ import torch
 
 from hbp_compile import ResidualKind, explain
 
-from .models import Gated, PreLNMLP, ReLUResidual, Stack, make, mlp_stack, transformer_stack
+from .models import Gated, PostLN, PreLNMLP, ReLUResidual, Stack, make, mlp_stack, transformer_stack
 
 
 def chain_of(model, x):
@@ -45,6 +45,9 @@ def test_residual_kinds_and_formulas():
     assert relu_chain.layers[0].formula == "r = Max(0, x + z0); K = Heaviside(x + z0)"
     _, gated = chain_of(make(Stack([Gated(4) for _ in range(3)], 3, 4, 2)), x)
     assert gated.layers[0].formula == "r = x*z0 + z1; K = z0"
+    _, post_ln = chain_of(make(Stack([PostLN(4) for _ in range(3)], 3, 4, 2)), x)
+    assert post_ln.kinds == (ResidualKind.DIAGONAL,) * 3
+    assert post_ln.layers[0].formula == "r = rstd0*z1*(-mean0 + x + z0) + z2; K = rstd0*z1"
     _, plain = chain_of(make(mlp_stack(3)), x)
     assert plain.layers[0].formula == "r = x + z0; K = 1"
 

@@ -7,23 +7,25 @@ from hbp_compile import explain, hbp_compile
 from .reference import max_relative_error
 
 
-def encoder(depth: int) -> torch.nn.Module:
+def encoder(depth: int, norm_first: bool = True) -> torch.nn.Module:
     torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
     return torch.nn.TransformerEncoder(layer, depth, enable_nested_tensor=False).double()
 
 
-def test_pre_ln_transformer_encoder_two_layers_per_block():
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-LN", "post-LN"])
+def test_transformer_encoder_two_layers_per_block(norm_first):
     x = torch.randn(2, 5, 16, dtype=torch.float64)
-    report = explain(encoder(3), x)
+    report = explain(encoder(3, norm_first), x)
     assert report.num_layers == 6
     paths = [layer.module_path for layer in report.chains[0].layers]
     assert paths == ["layers.0", "layers.0", "layers.1", "layers.1", "layers.2", "layers.2"]
 
 
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-LN", "post-LN"])
 @pytest.mark.parametrize("k", [0, 6])
-def test_pre_ln_transformer_encoder_gradients(k):
-    model = encoder(3)
+def test_transformer_encoder_gradients(k, norm_first):
+    model = encoder(3, norm_first)
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     want_out = model(x).pow(2).mean()
     want_out.backward()
@@ -63,6 +65,34 @@ def test_gpt2_with_dropout_and_kv_cache():
     torch.manual_seed(5)
     out = compiled(ids).logits.pow(2).mean()
     assert torch.equal(out, want_out), "same seed, same dropout masks, same output"
+    out.backward()
+    assert max_relative_error(_grads(model), want) < 1e-8
+
+
+def test_bert_post_ln_with_dropout():
+    """transformers' BertModel, unmodified: post-LN sublayers, default dropout, a pooler epilogue."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                     intermediate_size=32, vocab_size=50, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).double().train()
+    ids = torch.randint(0, 50, (2, 7))
+    report = explain(model, ids)
+    assert report.num_layers == 6
+    assert {layer.kind.value for layer in report.chains[0].layers} == {"diagonal"}
+
+    def loss(out):
+        return out.last_hidden_state.pow(2).mean() + out.pooler_output.pow(2).mean()
+
+    torch.manual_seed(5)
+    want_out = loss(model(ids))
+    want_out.backward()
+    want = _grads(model)
+    model.zero_grad()
+    compiled = hbp_compile(model, k=6, backend="eager")
+    torch.manual_seed(5)
+    out = loss(compiled(ids))
+    assert torch.equal(out, want_out)
     out.backward()
     assert max_relative_error(_grads(model), want) < 1e-8
 

@@ -147,7 +147,12 @@ def _runs(segments: dict[fx.Node, Segment], notes: list[str]) -> list[list[Segme
             length[start] = tail
         return length.get(path[0], tail) if path else tail
 
-    starts = sorted(segments, key=lambda x: -run_length(x))
+    # Longest runs first; on a tie the later start, whose first layer is the smallest (GPT-2's chain
+    # starts after the embedding dropout, not before it).
+    if not segments:
+        return []
+    position = {node: i for i, node in enumerate(next(iter(segments)).graph.nodes)}
+    starts = sorted(segments, key=lambda x: (-run_length(x), -position[x]))
     claimed: set[fx.Node] = set()
     runs = []
     for start in starts:
@@ -194,7 +199,9 @@ def _build_chain(run: list[Segment]) -> Chain:
                 kind=kind,
                 formula=formula,
                 group=group,
-                module_path=_common_module_path([n for n in seg.nodes if not is_light(n)] or seg.nodes),
+                # the block's heavy ops and the residual path: mask plumbing that a parent module
+                # put inside the layer does not drag the path up to the parent
+                module_path=_common_module_path([n for n in seg.nodes if not is_light(n)] + list(seg.residual)),
                 signature=signature,
             )
         )

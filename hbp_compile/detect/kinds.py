@@ -7,6 +7,7 @@ also makes reports readable: ``r = x + z0, K = 1``.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import sympy
@@ -58,7 +59,19 @@ def residual_expression(
             return sympy.nsimplify(arg)
         return sympy.Symbol(f"c_{type(arg).__name__}")
 
+    layer_norms: dict[fx.Node, sympy.Expr] = {}
     for node in residual:
+        if node.target is _aten.native_layer_norm.default:
+            # with its statistics held fixed (they come from the block): (s - mean)·rstd·w + b
+            i = len(layer_norms)
+            out = (value(node.args[0]) - sympy.Symbol(f"mean{i}")) * sympy.Symbol(f"rstd{i}")
+            weight, bias = (node.args[2:4] + (None, None))[:2]
+            layer_norms[node] = out * (value(weight) if weight is not None else 1) + (
+                value(bias) if bias is not None else 0)
+            continue
+        if node.target is operator.getitem and node.args[0] in layer_norms:
+            env[node] = layer_norms[node.args[0]]
+            continue
         args = [value(a) for a in node.args]
         packet = getattr(node.target, "overloadpacket", None)
         rule = _SYMPY_OPS.get(packet)

@@ -91,15 +91,43 @@ _FACTORIES = {
 }
 
 
+def is_layer_norm(node: fx.Node) -> bool:
+    return node.target is torch.ops.aten.native_layer_norm.default
+
+
+def layer_norm_outputs(node: fx.Node) -> list[fx.Node]:
+    """The normalized outputs (``getitem(ln, 0)``) of the layer norms that normalize ``node``.
+
+    On a residual path a layer norm is elementwise in its input once its mean and rstd are held
+    fixed: ``LN(s) = (s - mean)·rstd·w + b``. Its statistics belong to the block (they come through
+    reductions), so ``LN(x + B(x))`` is one layer with ``K = diag(rstd·w)`` (DESIGN.md §4).
+    """
+    return [
+        out
+        for ln in node.users
+        if is_layer_norm(ln) and ln.args[0] is node
+        for out in ln.users
+        if out.target is operator.getitem and out.args[1] == 0
+    ]
+
+
+def residual_successors(node: fx.Node, like: fx.Node) -> list[fx.Node]:
+    """Next values along a residual path from ``node``: pointwise readers and layer-norm outputs of
+    ``like``'s shape and dtype."""
+    found = [u for u in node.users if is_pointwise(u)] + layer_norm_outputs(node)
+    return [u for u in found if same_tensor_type(u, like)]
+
+
 def is_light(node: fx.Node) -> bool:
-    """Pointwise, reduction, view, tuple access, factory or random ops: the ops that alone do not make
-    a block worth a layer (``x * bernoulli(empty_like(x))`` is a dropout, not a layer)."""
+    """Pointwise, reduction, view, tuple access, normalization, factory or random ops: the ops that
+    alone do not make a block worth a layer (``x * bernoulli(empty_like(x))`` is a dropout, not a
+    layer; ``LN(s)`` is a normalization)."""
     if node.target is operator.getitem:
         return True
     op = _overload(node)
     if op is None:
         return False
-    if op.overloadpacket in _FACTORIES or torch.Tag.nondeterministic_seeded in op.tags:
+    if op.overloadpacket in _FACTORIES or torch.Tag.nondeterministic_seeded in op.tags or is_layer_norm(node):
         return True
     return torch.Tag.pointwise in op.tags or torch.Tag.reduction in op.tags or op.is_view
 

@@ -19,11 +19,22 @@ from __future__ import annotations
 
 import heapq
 import logging
+import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
 
-from .ops import is_light, is_pointwise, is_sink, same_tensor_type, tensor_meta
+from .ops import (
+    is_layer_norm,
+    is_light,
+    is_pointwise,
+    is_sink,
+    layer_norm_outputs,
+    module_path,
+    residual_successors,
+    same_tensor_type,
+    tensor_meta,
+)
 
 log = logging.getLogger("hbp_compile.detect")
 
@@ -41,8 +52,6 @@ class Segment:
     residual: tuple[fx.Node, ...]  # pointwise path x -> y, y last
 
 
-def _pointwise_successors(node: fx.Node, like: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if is_pointwise(u) and same_tensor_type(u, like)]
 
 
 def _interval(x: fx.Node, y: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
@@ -66,12 +75,17 @@ def _interval(x: fx.Node, y: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]
 
 
 def _residual_path(x: fx.Node, nodes: set[fx.Node], y: fx.Node) -> set[fx.Node]:
-    """Pointwise nodes of the segment that lie on a pointwise-only path from x to y."""
+    """Nodes of the segment on a residual path from x to y: pointwise ops, and layer norms (the
+    ``native_layer_norm`` node with its normalized output)."""
     reach: set[fx.Node] = set()
     stack = [x]
     while stack:
-        for user in stack.pop().users:
-            if user in nodes and user not in reach and is_pointwise(user):
+        node = stack.pop()
+        steps = [u for u in node.users if is_pointwise(u)]
+        for out in layer_norm_outputs(node):
+            steps += [out.args[0], out]
+        for user in steps:
+            if user in nodes and user not in reach:
                 reach.add(user)
                 stack.append(user)
     coreach: set[fx.Node] = {y}
@@ -97,7 +111,7 @@ def _why_not_segment(x: fx.Node, y: fx.Node, nodes: set[fx.Node]) -> str | None:
 def _rejoins_after(x: fx.Node, y: fx.Node, nodes: set[fx.Node], order: dict[fx.Node, int]) -> bool:
     """Does a read of ``x`` outside the segment reach the residual path just after ``y``?"""
     outside = [u for u in x.users if u not in nodes]
-    targets = set(_pointwise_successors(y, x))
+    targets = set(residual_successors(y, x))
     if not outside or not targets:
         return False
     limit = max(order[t] for t in targets)
@@ -114,16 +128,33 @@ def _rejoins_after(x: fx.Node, y: fx.Node, nodes: set[fx.Node], order: dict[fx.N
     return False
 
 
+def _inside_module(node: fx.Node, owner: fx.Node) -> bool:
+    """Was ``node`` made by ``owner``'s module or one of its children (true when unknown)?"""
+    inner, outer = module_path(node), module_path(owner)
+    return not inner or not outer or inner == outer or inner.startswith(outer + ".")
+
+
 def _extend_through_unary(x: fx.Node, y: fx.Node, nodes: set[fx.Node]) -> fx.Node:
-    """Move ``y`` past pointwise ops that are its only reader and read nothing else from the layer."""
+    """Move ``y`` past pointwise ops and layer norms that are its only reader and read nothing else
+    from the layer (``relu(x + B(x))`` and post-LN ``LN(x + B(x))`` end after the relu / the norm)."""
     while len(y.users) == 1:
         (user,) = y.users
-        if not (is_pointwise(user) and same_tensor_type(user, x)):
+        if is_layer_norm(user) and user.args[0] is y:
+            outs = [u for u in user.users if u.target is operator.getitem]
+            normalized = layer_norm_outputs(y)
+            if len(normalized) != 1 or any(u.args[1] != 0 and u.users for u in outs):
+                break  # the statistics are read elsewhere: not a plain post-LN
+            if not _inside_module(user, y):
+                break  # a final norm after the chain (GPT-2's ln_f), not the layer's own post-LN
+            step, added = normalized[0], [user, *outs]
+        elif is_pointwise(user) and same_tensor_type(user, x):
+            step, added = user, [user]
+        else:
             break
         if any(arg is not y and (arg in nodes or arg is x) for arg in user.all_input_nodes):
             break
-        nodes.add(user)
-        y = user
+        nodes.update(added)
+        y = step
     return y
 
 
@@ -131,7 +162,7 @@ def segment_from(x: fx.Node, order: dict[fx.Node, int]) -> Segment | None:
     """The first residual segment starting at ``x``, or None."""
     if tensor_meta(x) is None:
         return None
-    heap = [(order[u], u) for u in _pointwise_successors(x, x)]
+    heap = [(order[u], u) for u in residual_successors(x, x)]
     heapq.heapify(heap)
     seen: set[fx.Node] = set()
     while heap and len(seen) < MAX_CANDIDATES_PER_START:
@@ -154,7 +185,7 @@ def segment_from(x: fx.Node, order: dict[fx.Node, int]) -> Segment | None:
                 residual=tuple(sorted(residual, key=order.__getitem__)),
             )
         log.debug("no segment %s -> %s: %s", x.name, y.name, why)
-        for user in _pointwise_successors(y, x):
+        for user in residual_successors(y, x):
             heapq.heappush(heap, (order[user], user))
     return None
 

@@ -37,6 +37,25 @@ def _replay_dropout(x: torch.Tensor, mask: torch.Tensor, p: float, train: object
     return _aten.mul(_aten.mul(x, mask), 1.0 / (1.0 - p)) if p < 1 else _aten.mul(x, 0.0), mask
 
 
+def _layer_norm_stats(x, normalized_shape, eps):
+    # native_layer_norm's mean and rstd are not differentiable outputs in autograd, but J flows
+    # through them (they are block values): recompute them with differentiable ops.
+    dims = list(range(-len(normalized_shape), 0))
+    mean = _aten.mean.dim(x, dims, True)
+    var = _aten.var.correction(x, dims, correction=0, keepdim=True)
+    return mean, _aten.rsqrt(_aten.add(var, eps))
+
+
+def _layer_norm_with_stats(x, mean, rstd, weight=None, bias=None):
+    # native_layer_norm's normalized output with given statistics, shaped like its (out, mean, rstd)
+    out = _aten.mul(_aten.sub(x, mean), rstd)
+    if weight is not None:
+        out = _aten.mul(out, weight)
+    if bias is not None:
+        out = _aten.add(out, bias)
+    return out, mean, rstd
+
+
 def _math_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
     # The fused CPU attention kernel has no vmap batching rule (vmap would loop over layers); the
     # math kernel decomposes into batched matmuls. Only output 0 is read (checked by the caller).
@@ -94,9 +113,18 @@ def split_layer_graph(layer: Layer) -> fx.GraphModule:
             block_env[node] = graph.call_function(_replay_dropout, (args[0], draws[node], *args[1:]))
         else:
             block_env[node] = draws[node]
-    # Re-run only the residual path; its reads of block values come from the x_g pass above.
+    # Re-run only the residual path; its reads of block values come from the x_g pass above. A layer
+    # norm on the path keeps the block's statistics: only its elementwise part sees x_r.
     residual_env = {**block_env, layer.x: x_r}
-    _copy_nodes(graph, layer.residual, residual_env)
+    for node in layer.residual:
+        if node.target is _aten.native_layer_norm.default:
+            args = fx.node.map_arg(node.args, lambda n: residual_env[n])
+            block_input, normalized_shape, eps = block_env[node.args[0]], node.args[1], node.args[4]
+            stats = graph.call_function(_layer_norm_stats, (block_input, normalized_shape, eps))
+            mean, rstd = (graph.call_function(operator.getitem, (stats, i)) for i in (0, 1))
+            residual_env[node] = graph.call_function(_layer_norm_with_stats, (args[0], mean, rstd, *args[2:4]))
+        else:
+            residual_env[node] = graph.node_copy(node, lambda n: residual_env[n])
     side = [block_env[n] for n in layer.side_outputs]
     graph.output((residual_env[layer.y], *side) if side else residual_env[layer.y])
     graph.eliminate_dead_code()
