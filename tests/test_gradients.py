@@ -73,6 +73,18 @@ def test_gamma_split_matches_reference(gamma, k):
     assert max_relative_error(got, want) < TOL
 
 
+@pytest.mark.parametrize("block", [ReLUResidual, Gated, PostLN], ids=["relu", "gated", "post-ln"])
+@pytest.mark.parametrize("gamma", [0.8, 1.0])
+def test_gamma_split_on_diagonal_kinds(block, gamma):
+    """γ-split for every kind: K' = (1-γ)K in the scan, γK added to the block's VJP; γ = 1 is
+    fixed-point iteration (the reference then uses the full layer Jacobian per iteration)."""
+    model = make(Stack([block(6) for _ in range(4)], 3, 6, 2))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    want = highway_reference_grads(model, x, 1, gamma=gamma)
+    _, _, got = hbp_grads(model, x, 1, gamma=gamma)
+    assert max_relative_error(got, want) < TOL
+
+
 @pytest.mark.parametrize("block", [ReLUResidual, Gated], ids=["relu-diag", "gated-diag"])
 @pytest.mark.parametrize("k", [0, 2, 5])
 def test_diagonal_residuals(block, k):
