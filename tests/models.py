@@ -106,6 +106,20 @@ class PostLN(ResidualBlock):
         return self.ln(x + torch.tanh(self.fc(x)))
 
 
+class Projection(ResidualBlock):
+    """tanh(fc(x)) from d_in to d_out: no residual path (K = 0), the state changes shape."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def block(self, x):
+        return torch.tanh(self.fc(x))
+
+    def residual(self, x, z):
+        return z
+
+
 class Stack(nn.Module):
     """prologue -> residual blocks -> epilogue. ``taps=True``: the output sums a head over every state."""
 
@@ -149,3 +163,11 @@ def make(model: nn.Module, seed: int = 0) -> nn.Module:
         with torch.no_grad():
             p.normal_(0.0, 0.4)
     return model.double()
+
+
+def two_stage_stack(d1: int = 4, d2: int = 6) -> Stack:
+    """Three pre-LN blocks of width d1, a projection to d2 (K = 0), three blocks of width d2."""
+    blocks = [PreLNMLP(d1, 8) for _ in range(3)] + [Projection(d1, d2)] + [PreLNMLP(d2, 8) for _ in range(3)]
+    stack = Stack(blocks, 3, d1, 2)
+    stack.head = nn.Linear(d2, 2)
+    return stack

@@ -26,7 +26,10 @@ def _vjp_through_block(layer, x, w):
 def _vjp_through_residual(layer, x, w):
     z = _detached(layer.block(x.detach()))
     x = x.detach().requires_grad_()
-    (g,) = torch.autograd.grad(layer.residual(x, z), x, w)
+    y = layer.residual(x, z)
+    if not y.requires_grad:  # K = 0: a layer without a residual path
+        return torch.zeros_like(x)
+    (g,) = torch.autograd.grad(y, x, w)
     return g
 
 

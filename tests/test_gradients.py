@@ -7,7 +7,17 @@ import torch
 
 from hbp_compile import hbp_compile
 
-from .models import Gated, PostLN, PreLNMLP, ReLUResidual, Stack, make, mlp_stack, transformer_stack
+from .models import (
+    Gated,
+    PostLN,
+    PreLNMLP,
+    ReLUResidual,
+    Stack,
+    make,
+    mlp_stack,
+    transformer_stack,
+    two_stage_stack,
+)
 from .reference import autograd_grads, highway_reference_grads, max_relative_error
 
 TOL = 1e-8
@@ -30,6 +40,7 @@ MODELS = {
     "mlp-taps-L4": (lambda: mlp_stack(4, d=6, hidden=12, taps=True), (3, 3)),
     "shared-weights-L4": (lambda: Stack([PreLNMLP(5, 7)] * 4, 3, 5, 2), (3, 3)),
     "post-ln-L4": (lambda: Stack([PostLN(6) for _ in range(4)], 3, 6, 2), (4, 3)),
+    "two-stages-K0-L7": (two_stage_stack, (4, 3)),
 }
 
 

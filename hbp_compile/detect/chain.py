@@ -15,8 +15,8 @@ import torch.fx as fx
 
 from .kinds import classify_residual
 from .model import Chain, Group, Layer
-from .ops import is_light, is_mutating, is_random, is_replayable_random, module_path, same_tensor_type, tensor_meta
-from .segments import Segment, find_residual_segments
+from .ops import is_light, is_mutating, is_random, is_replayable_random, is_sink, module_path, tensor_meta
+from .segments import Segment, find_residual_segments, interval
 
 log = logging.getLogger("hbp_compile.detect")
 
@@ -116,9 +116,8 @@ def _descendants(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _why_unsafe(seg: Segment, h0: fx.Node, produced_by_chain: set[fx.Node]) -> str | None:
-    if not same_tensor_type(seg.x, h0) or not same_tensor_type(seg.y, h0):
-        return f"state {seg.y.name} changes shape or dtype ({_describe(seg.y)} vs {_describe(h0)})"
+def _why_unsafe(seg: Segment, produced_by_chain: set[fx.Node]) -> str | None:
+    # A residual segment keeps its state's shape and dtype by construction (the residual path does).
     for node in seg.nodes:
         if is_random(node) and not is_replayable_random(node):
             return f"random op {node.format_node()} inside the block cannot be replayed"
@@ -165,7 +164,7 @@ def _runs(segments: dict[fx.Node, Segment], notes: list[str]) -> list[list[Segme
             seg = segments[x]
             if claimed.intersection(seg.nodes):
                 break
-            why = _why_unsafe(seg, start, produced)
+            why = _why_unsafe(seg, produced)
             if why is not None:
                 notes.append(f"layer {seg.x.name} -> {seg.y.name} not rewritten: {why}")
                 break
@@ -176,6 +175,40 @@ def _runs(segments: dict[fx.Node, Segment], notes: list[str]) -> list[list[Segme
             claimed.add(start)
             runs.append(run)
     return runs
+
+
+def _transition(before: list[Segment], after: list[Segment], order: dict[fx.Node, int],
+                claimed: set[fx.Node]) -> Segment | None:
+    """A layer with no residual path (K = 0) joining two runs: the closed piece of graph from the
+    last state of ``before`` to the first state of ``after`` (a strided convolution with a projection
+    shortcut between ResNet stages)."""
+    x, y = before[-1].y, after[0].x
+    if order[y] <= order[x]:
+        return None
+    nodes = interval(x, y, order)
+    if not any(arg is x for n in nodes for arg in n.all_input_nodes) or claimed.intersection(nodes - {y}):
+        return None
+    if any(u not in nodes for u in x.users):
+        return None
+    if any(u not in nodes and not is_sink(u) for n in nodes if n is not y for u in n.users):
+        return None
+    seg = Segment(x=x, y=y, nodes=tuple(sorted(nodes, key=order.__getitem__)), residual=())
+    return seg if _why_unsafe(seg, _descendants(before[0].x) - set(seg.nodes)) is None else None
+
+
+def _link_runs(runs: list[list[Segment]], graph: fx.Graph) -> list[list[Segment]]:
+    """Join runs that follow each other through a closed non-residual layer into one chain."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    runs = sorted(runs, key=lambda run: order[run[0].x])
+    claimed = {n for run in runs for seg in run for n in seg.nodes}
+    linked = [runs[0]] if runs else []
+    for run in runs[1:]:
+        bridge = _transition(linked[-1], run, order, claimed)
+        if bridge is None:
+            linked.append(run)
+        else:
+            linked[-1] = linked[-1] + [bridge] + run
+    return linked
 
 
 def _build_chain(run: list[Segment]) -> Chain:
@@ -236,7 +269,7 @@ def find_residual_chains(graph: fx.Graph, *, min_layers: int = 2) -> Detection:
     segments = find_residual_segments(graph)
     notes: list[str] = []
     chains = []
-    for run in _runs(segments, notes):
+    for run in _link_runs(_runs(segments, notes), graph):
         if len(run) < min_layers:
             notes.append(
                 f"run {run[0].x.name} -> {run[-1].y.name} has {len(run)} layer(s), fewer than "

@@ -87,6 +87,8 @@ def classify_residual(x: fx.Node, residual: Sequence[fx.Node]) -> tuple[Residual
 
     >>> # for h = x + B(x):  (ResidualKind.IDENTITY, 'r = x + z0; K = 1')
     """
+    if not residual:
+        return ResidualKind.ZERO, "r = z0; K = 0"
     expr, xs = residual_expression(x, residual)
     k = sympy.simplify(sympy.diff(expr, xs))
     if k == 1:

@@ -54,7 +54,7 @@ class Segment:
 
 
 
-def _interval(x: fx.Node, y: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
+def interval(x: fx.Node, y: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
     """``desc(x) ∩ anc(y)`` plus ``y``, without ``x``."""
     lo, hi = order[x], order[y]
     forward: set[fx.Node] = set()
@@ -170,7 +170,7 @@ def segment_from(x: fx.Node, order: dict[fx.Node, int]) -> Segment | None:
         if y in seen:
             continue
         seen.add(y)
-        nodes = _interval(x, y, order)
+        nodes = interval(x, y, order)
         why = _why_not_segment(x, y, nodes)
         if why is None and _rejoins_after(x, y, nodes, order):
             why = "another read of x rejoins the residual path after this point"

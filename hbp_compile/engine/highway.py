@@ -13,7 +13,8 @@ After ``L`` iterations ``w`` is the exact gradient, so ``k >= L`` costs ``L`` it
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ import torch.fx as fx
 
 from ..detect.model import Chain, ResidualKind
 from .layer_graphs import layer_graph, random_nodes, split_layer_graph
+from .layout import Plan, StateRuns, gather, scatter_add_
 from .scans import reverse_cumsum, reverse_linear_scan
 
 
@@ -38,7 +40,9 @@ class GroupProgram:
     broadcast: tuple[tuple[int, int], ...]
     num_draws: int  # random ops per layer whose draws the forward records for the backward
     # per side output of a layer (a value leaving the block to a sink): can it carry a gradient?
-    side_differentiable: tuple[bool, ...] = ()
+    side_differentiable: tuple[bool, ...]
+    inputs: Plan  # where the group's input states (p) live among the per-run cotangents
+    outputs: Plan  # where its output states (p + 1) live
 
     def unpack(self, out: object) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """A layer graph's result as (y, side outputs, draws)."""
@@ -59,6 +63,7 @@ class ChainProgram:
     taps: tuple[int, ...]
     k: int
     gamma: float
+    state_runs: StateRuns
 
     @property
     def identity_residual(self) -> bool:
@@ -85,6 +90,7 @@ class ChainProgram:
 def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma: float) -> ChainProgram:
     """Index every layer's externals into ``side_nodes`` (the chain's flat side-input list)."""
     where = {node: i for i, node in enumerate(side_nodes)}
+    state_runs = StateRuns.from_kinds(chain.kinds)
     groups = []
     for group in chain.groups:
         template = chain.layers[group.layers[0]]
@@ -104,6 +110,8 @@ def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma:
                 side_differentiable=tuple(
                     bool(getattr(n.meta.get("val"), "requires_grad", False)) for n in template.side_outputs
                 ),
+                inputs=state_runs.plan(group.layers),
+                outputs=state_runs.plan([p + 1 for p in group.layers]),
             )
         )
     return ChainProgram(
@@ -114,6 +122,7 @@ def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma:
         taps=chain.taps,
         k=k,
         gamma=gamma,
+        state_runs=state_runs,
     )
 
 
@@ -123,9 +132,8 @@ class _BatchedGroup:
     def __init__(self, prog: GroupProgram, states: Sequence[torch.Tensor], sides: Sequence[torch.Tensor],
                  sides_need_grad: Sequence[bool], draws: Sequence[Sequence[torch.Tensor]]):
         self.prog = prog
-        self.index = torch.tensor(prog.layers, device=states[0].device)
         xs = torch.stack([states[p] for p in prog.layers])
-        self.x_r = xs.detach().requires_grad_(prog.kind is not ResidualKind.IDENTITY)
+        self.x_r = xs.detach().requires_grad_(prog.kind not in (ResidualKind.IDENTITY, ResidualKind.ZERO))
         self.x_g = xs.detach().requires_grad_()
         n_ext = len(prog.stacked) + len(prog.broadcast)
         args: list[torch.Tensor | None] = [None] * n_ext
@@ -172,6 +180,8 @@ class _BatchedGroup:
         """Diagonal of K for every layer of the group (r is elementwise in x, so a VJP with ones)."""
         if self.prog.kind is ResidualKind.IDENTITY:
             return torch.ones_like(self.y)
+        if self.prog.kind is ResidualKind.ZERO:
+            return torch.zeros_like(self.y)
         (k,) = torch.autograd.grad(self.y, self.x_r, torch.ones_like(self.y), retain_graph=True)
         return k
 
@@ -229,12 +239,12 @@ class HighwayChain(torch.autograd.Function):
         states, sides = saved[: n + 1], saved[n + 1: n + 1 + ctx.num_sides]
         draws = program.split_draws(saved[n + 1 + ctx.num_sides:])
         sides_need_grad = ctx.needs_input_grad[2:]
-        a = torch.zeros((n + 1, *states[-1].shape), dtype=states[-1].dtype, device=states[-1].device)
-        if grad_out is not None:
-            a[n] = grad_out
-        for t, g in zip(program.taps, grad_rest):
+        runs = program.state_runs
+        a = runs.zeros(states)
+        for state, g in [(n, grad_out), *zip(program.taps, grad_rest)]:
             if g is not None:
-                a[t] = g
+                r, offset = runs.locate(state)
+                a[r][offset] += g
         grad_side_outputs = grad_rest[len(program.taps):]
         with torch.enable_grad():
             batched = [_BatchedGroup(g, states, sides, sides_need_grad, draws) for g in program.groups]
@@ -242,38 +252,55 @@ class HighwayChain(torch.autograd.Function):
             for b in batched:
                 dx = b.side_output_cotangents(grad_side_outputs, offsets)
                 if dx is not None:
-                    a[b.index] += dx
+                    scatter_add_(a, b.prog.inputs, dx)
             w = _highway_iterations(program, batched, a)
             grads: list[torch.Tensor | None] = [None] * len(sides)
             for b in batched:
-                for g, where in b.side_grads(w[b.index + 1]):
+                for g, where in b.side_grads(gather(w, b.prog.outputs)):
                     for i, gi in (zip(where, g.unbind(0)) if isinstance(where, tuple) else [(where, g)]):
                         grads[i] = gi if grads[i] is None else grads[i] + gi
-        return (None, w[0] if ctx.needs_input_grad[1] else None, *grads)
+        return (None, w[0][0] if ctx.needs_input_grad[1] else None, *grads)
 
 
-def _highway_iterations(program: ChainProgram, batched: Sequence[_BatchedGroup], a: torch.Tensor) -> torch.Tensor:
-    """``w^k`` for every state (HIGHWAY_BP.md §3-4)."""
+def _run_scans(program: ChainProgram, batched: Sequence[_BatchedGroup]) -> list[Callable]:
+    """One scan per run of states: a cumsum where every K is the identity, else Hillis–Steele with the
+    diagonal K of each layer placed at its input state's offset in the run."""
+    runs, gamma = program.state_runs.runs, program.gamma
+    k_diag: dict[int, torch.Tensor] = {}
+    for b in batched:
+        if b.prog.kind in (ResidualKind.IDENTITY, ResidualKind.ZERO):
+            continue  # a ZERO layer ends its run: nothing of it enters a scan
+        k, start = b.residual_jacobian().detach(), 0
+        for r, offsets in b.prog.inputs:
+            first, last = runs[r]
+            if r not in k_diag:  # identity layers of a mixed run keep K = 1
+                k_diag[r] = k.new_ones((last - first, *k.shape[1:]))
+            k_diag[r][list(offsets)] = k[start: start + len(offsets)]
+            start += len(offsets)
+    return [
+        functools.partial(reverse_linear_scan, k=(1.0 - gamma) * k_diag[r]) if r in k_diag
+        else reverse_cumsum if gamma == 0
+        else functools.partial(reverse_linear_scan, k=1.0 - gamma)
+        for r in range(len(runs))
+    ]
+
+
+def _highway_iterations(program: ChainProgram, batched: Sequence[_BatchedGroup], a: list) -> list:
+    """``w^k`` for every state, one stacked tensor per run (HIGHWAY_BP.md §3-4)."""
     gamma = program.gamma
-    if program.identity_residual:
-        k_diag = None
-        scan = reverse_cumsum if gamma == 0 else (lambda c: reverse_linear_scan(c, 1.0 - gamma))
-    else:
-        k_diag = torch.empty_like(a[1:])
-        for b in batched:
-            k_diag[b.index] = b.residual_jacobian().detach()
-        scan = lambda c: reverse_linear_scan(c, (1.0 - gamma) * k_diag)  # noqa: E731
-    w = scan(a)
+    scans = _run_scans(program, batched)
+    w = [scan(ar) for scan, ar in zip(scans, a)]
+    residual_k = {id(b): b.residual_jacobian().detach() for b in batched} if gamma else {}
     for _ in range(min(program.k, program.num_layers)):
-        v = torch.zeros_like(a)
+        v = [torch.zeros_like(ar) for ar in a]
         for b in batched:
-            cot = w[b.index + 1]
+            cot = gather(w, b.prog.outputs)
             vb = b.block_vjp(cot)
-            if gamma:
+            if gamma and b.prog.kind is not ResidualKind.ZERO:
                 # γ-split: the γ·K part of the residual moves into the block (HIGHWAY_BP.md §1).
-                vb = vb + gamma * (cot if k_diag is None else k_diag[b.index] * cot)
-            v[b.index] = vb
-        w = scan(a + v)
+                vb = vb + gamma * residual_k[id(b)] * cot
+            scatter_add_(v, b.prog.inputs, vb)
+        w = [scan(ar + vr) for scan, ar, vr in zip(scans, a, v)]
     return w
 
 

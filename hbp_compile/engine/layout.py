@@ -1,0 +1,66 @@
+"""Where each state's cotangent lives in the backward: one stacked tensor per run of equal shape.
+
+A chain's states keep one shape between layers that have no residual path (``K = 0``): across such
+a layer nothing is carried along the residual path, so the scan splits into independent scans, one
+per run, and each run's cotangents stack into one tensor. A chain without shape changes is one run.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..detect.model import ResidualKind
+
+# (run index, offsets of the states inside that run) pieces, in state order
+Plan = tuple[tuple[int, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True)
+class StateRuns:
+    """``runs[r] = (first, last)`` state indices; a new run starts after every ``K = 0`` layer."""
+
+    runs: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def from_kinds(cls, kinds: Sequence[ResidualKind]) -> "StateRuns":
+        runs, start = [], 0
+        for i, kind in enumerate(kinds, start=1):  # layer i maps state i-1 to state i
+            if kind is ResidualKind.ZERO:
+                runs.append((start, i - 1))
+                start = i
+        runs.append((start, len(kinds)))
+        return cls(tuple(runs))
+
+    def locate(self, state: int) -> tuple[int, int]:
+        for r, (first, last) in enumerate(self.runs):
+            if first <= state <= last:
+                return r, state - first
+        raise IndexError(state)
+
+    def plan(self, states: Sequence[int]) -> Plan:
+        """How to gather ``states`` (ascending) from the per-run tensors."""
+        pieces: list[tuple[int, list[int]]] = []
+        for state in states:
+            r, offset = self.locate(state)
+            if pieces and pieces[-1][0] == r:
+                pieces[-1][1].append(offset)
+            else:
+                pieces.append((r, [offset]))
+        return tuple((r, tuple(offsets)) for r, offsets in pieces)
+
+    def zeros(self, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [states[first].new_zeros((last - first + 1, *states[first].shape)) for first, last in self.runs]
+
+
+def gather(per_run: Sequence[torch.Tensor], plan: Plan) -> torch.Tensor:
+    pieces = [per_run[r][list(offsets)] for r, offsets in plan]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def scatter_add_(per_run: Sequence[torch.Tensor], plan: Plan, values: torch.Tensor) -> None:
+    start = 0
+    for r, offsets in plan:
+        per_run[r][list(offsets)] += values[start: start + len(offsets)]
+        start += len(offsets)
