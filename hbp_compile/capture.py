@@ -39,6 +39,7 @@ def to_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) ->
     # make_fx records autograd's `detach`es of saved outputs and unused tuple items; drop them.
     aten.graph.eliminate_dead_code()
     fold_static_sizes(aten.graph)
+    draw_bernoulli_in_memory_order(aten.graph)
     merge_repeated_input_ops(aten.graph)
     aten.recompile()
     return aten
@@ -91,3 +92,40 @@ def merge_repeated_input_ops(graph: fx.Graph) -> int:
         else:
             seen[key] = node
     return merged
+
+
+def draw_bernoulli_in_memory_order(graph: fx.Graph) -> int:
+    """Make functional ``bernoulli.p`` draw in its input's memory order, as eager's in-place one does.
+
+    Eager dropout is ``empty_like(x).bernoulli_(p)``: the mask keeps x's strides and the random
+    numbers fill it in memory order. Functionalization turns that into ``bernoulli.p(empty_like(x))``,
+    which returns a *contiguous* tensor, so for a transposed x (attention outputs) the same numbers
+    land on other elements and the traced forward differs from the model's. Drawing into the
+    permutation of x that is contiguous and permuting back restores eager's mask exactly.
+    Returns the number of draws rewritten.
+    """
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.bernoulli.p:
+            continue
+        source, drawn = node.args[0].meta.get("val"), node.meta.get("val")
+        if not isinstance(source, torch.Tensor) or source.stride() == drawn.stride():
+            continue
+        # Dims from outermost to innermost in memory; ties (size-1 dims) keep their order.
+        order = sorted(range(source.dim()), key=lambda d: (-source.stride(d), d))
+        if not source.permute(order).is_contiguous():
+            continue  # overlapping or gapped layout: no permutation reproduces eager's order
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        with graph.inserting_before(node):
+            to_memory = graph.call_function(torch.ops.aten.permute.default, (node.args[0], order))
+            draw = graph.call_function(torch.ops.aten.bernoulli.p, (to_memory, *node.args[1:]), node.kwargs)
+            back = graph.call_function(torch.ops.aten.permute.default, (draw, inverse))
+        for new in (to_memory, draw, back):
+            new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        to_memory.meta["val"] = source.permute(order)
+        draw.meta["val"] = torch.empty_like(to_memory.meta["val"])
+        back.meta["val"] = draw.meta["val"].permute(inverse)
+        node.replace_all_uses_with(back)
+        graph.erase_node(node)
+        rewritten += 1
+    return rewritten

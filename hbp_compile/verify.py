@@ -23,11 +23,14 @@ def needs_forward_check(graph: fx.Graph) -> bool:
 
 
 def _run(fn: Callable, inputs: Sequence[object], cpu_state: torch.Tensor, cuda_states: list) -> tuple:
-    args = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in inputs]
+    # Grad mode and requires_grad as in training: kernel choices depend on them (SDPA picks another
+    # CPU kernel under no_grad, which draws its dropout differently).
+    args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+            for a in inputs]
     torch.random.set_rng_state(cpu_state)
     if cuda_states:
         torch.cuda.set_rng_state_all(cuda_states)
-    with torch.no_grad():
+    with torch.enable_grad():
         out = fn(*args)
     return pytree.tree_leaves(out), args
 
