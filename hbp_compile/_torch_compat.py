@@ -15,6 +15,14 @@ from torch.fx.traceback import preserve_node_meta  # noqa: F401
 
 
 
+def capturing_rnns():
+    """Dynamo graph-breaks around ``nn.RNN``/``GRU``/``LSTM`` unless ``allow_rnn`` is set; with it, they
+    reach the backend as one ``torch.lstm(...)``-style call that the recurrence pass can swap."""
+    from torch._dynamo import config
+
+    return config.patch(allow_rnn=True)
+
+
 def outside_dynamo_tracing():
     """Our own fake-tensor tracing must not add symbols to the shape env of the dynamo frame that
     is calling the backend (its guards would then refer to symbols with no source)."""
@@ -23,6 +31,7 @@ def outside_dynamo_tracing():
 
 __all__ = [
     "FakeTensorMode",
+    "capturing_rnns",
     "outside_dynamo_tracing",
     "detect_fake_mode",
     "is_concrete_int",

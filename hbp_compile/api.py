@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ._torch_compat import capturing_rnns
 from .backend import HbpBackend
 from .inspect.report import Report
 from .options import HbpOptions
@@ -46,7 +47,8 @@ class HighwayModule(torch.nn.Module):
         self._compiled = torch.compile(_fresh_entry(model), backend=self.hbp_backend, dynamic=False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._compiled(*args, **kwargs)
+        with capturing_rnns():
+            return self._compiled(*args, **kwargs)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         return self._orig_mod.state_dict(*args, **kwargs)
@@ -109,6 +111,6 @@ def explain(model: torch.nn.Module, *args: Any, k: int = 3, gamma: float = 0.0, 
     options = HbpOptions(k=k, gamma=gamma, backend="eager", min_layers=min_layers)
     backend = HbpBackend(options, explain_only=True)
     clone = copy.deepcopy(target)
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+    with torch.random.fork_rng(devices=[]), torch.enable_grad(), capturing_rnns():
         torch.compile(_fresh_entry(clone), backend=backend, dynamic=False)(*args, **kwargs)
     return Report(tuple(backend.records), options)

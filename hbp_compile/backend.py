@@ -19,6 +19,7 @@ import torch.fx as fx
 from .capture import to_aten_graph
 from .detect import Detection, find_residual_chains
 from .options import HbpOptions
+from .recurrent.swap import RNN_CALLS, Recurrence, swap_recurrences
 from .rewrite import rewrite_chains
 from .verify import forward_mismatch, needs_forward_check
 
@@ -47,12 +48,15 @@ class GraphRecord:
     fallback: Fallback | None = None
     reason: str = ""
     exception: BaseException | None = field(default=None, repr=False)
+    recurrences: tuple[Recurrence, ...] = ()
 
     @property
     def num_layers(self) -> int:
-        if self.fallback is not None or self.detection is None:
+        """Residual layers rewritten, counting every time step of a swapped RNN layer as one."""
+        if self.fallback is not None:
             return 0
-        return sum(c.num_layers for c in self.detection.chains)
+        steps = sum(r.steps * r.num_chains for r in self.recurrences if r.swapped)
+        return steps + (sum(c.num_layers for c in self.detection.chains) if self.detection else 0)
 
 
 class HbpBackend:
@@ -75,20 +79,26 @@ class HbpBackend:
         self.records.append(record)
         if not torch.is_grad_enabled():
             return self._fallback(record, Fallback.GRAD_DISABLED, warn=False)
+        to_capture = gm
+        if any(node.target in RNN_CALLS for node in gm.graph.nodes):
+            to_capture = fx.GraphModule(gm, _copy_graph(gm.graph))
+            record.recurrences = swap_recurrences(to_capture, k=self.options.k, gamma=self.options.gamma)
         try:
-            record.aten_graph = to_aten_graph(gm, example_inputs)
+            record.aten_graph = to_aten_graph(to_capture, example_inputs)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: train exactly, and say why
             return self._fallback(record, Fallback.CAPTURE_FAILED, f"{type(exc).__name__}: {exc}", exc)
         record.detection = find_residual_chains(record.aten_graph.graph, min_layers=self.options.min_layers)
-        if not record.detection.chains:
-            return self._fallback(record, Fallback.NO_CHAIN, "; ".join(record.detection.notes))
+        swapped = any(r.swapped for r in record.recurrences)
+        if not record.detection.chains and not swapped:
+            why = "; ".join([*record.detection.notes, *(r.describe() for r in record.recurrences)])
+            return self._fallback(record, Fallback.NO_CHAIN, why)
         if self.explain_only:
             return gm.forward
         check_forward = needs_forward_check(record.aten_graph.graph)
         try:
             record.rewritten = rewrite_chains(
                 record.aten_graph, record.detection.chains, k=self.options.k, gamma=self.options.gamma
-            )
+            ) if record.detection.chains else record.aten_graph
         except Exception as exc:  # noqa: BLE001
             return self._fallback(record, Fallback.REWRITE_FAILED, f"{type(exc).__name__}: {exc}", exc)
         if check_forward:
@@ -108,6 +118,13 @@ class HbpBackend:
         if warn and not self.explain_only:
             warnings.warn(message, UserWarning, stacklevel=2)
         return record.dynamo_graph.forward
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy to rewrite, so that a fallback still runs dynamo's own graph."""
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    return copy
 
 
 def hbp_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,

@@ -51,6 +51,12 @@ def format_report(records: Sequence[GraphRecord], options: HbpOptions) -> list[s
                 lines.append(f"  reason: {record.reason}")
             continue
         assert record.detection is not None
+        for ri, recurrence in enumerate(record.recurrences):
+            lines.append(f"region {record.index} recurrence {ri}: {recurrence.describe()}")
+            if recurrence.swapped:
+                steps = recurrence.steps
+                lines.append(f"  backward depth in step VJPs per layer: backprop {steps}, "
+                             f"highway {min(options.k, steps) + 1} (+ {steps.bit_length()} scan step(s) per iteration)")
         for ci, chain in enumerate(record.detection.chains):
             taps = ", ".join(f"h{t}" for t in chain.taps) or "none"
             lines.append(f"region {record.index} chain {ci}: {chain.num_layers} layers, "

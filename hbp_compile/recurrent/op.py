@@ -1,0 +1,111 @@
+"""``hbp::recurrence``: one layer (one direction) of an RNN/GRU/LSTM with a Highway-BP backward.
+
+A ``torch.library`` custom op, so that tracing (make_fx, dynamo, Inductor) keeps it as one opaque
+node instead of unrolling ``T`` time steps: compile time does not grow with the sequence length.
+
+* Forward: PyTorch's own fused kernel for one layer (``torch.gru`` ...) under no autograd, returning
+  every state ``(T+1, m, B, H)``; LSTM's cell states, which the kernel does not return, come from
+  one batched gate computation and a log-depth scan of ``c_t = f_t c_{t-1} + i_t g_t``.
+* Backward (HIGHWAY_BP.md §3): one batched split step over all ``T`` steps (time folded into the
+  batch), ``w^0 = scan(a)``, ``min(k, T)`` iterations of one VJP plus a scan, then one VJP for the
+  weights, the inputs and ``h_0``. The cotangents ``a`` of every state (the output sequence reads all
+  of them) enter every iteration, as taps do.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..engine.scans import linear_scan, reverse_linear_scan
+from .cells import CELLS
+
+_KERNELS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru": torch.gru}
+
+
+def _params(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> list[Tensor]:
+    return [w_ih, w_hh] if b_ih is None else [w_ih, w_hh, b_ih, b_hh]
+
+
+@torch.library.custom_op("hbp::recurrence", mutates_args=())
+def recurrence(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+               b_hh: Tensor | None, k: int, gamma: float) -> Tensor:
+    """All states ``(T+1, m, B, H)`` of one recurrent layer over a time-major ``input`` ``(T, B, D)``.
+
+    ``state0`` is ``(m, B, H)``: ``[h]``, or ``[c, h]`` for LSTM.
+
+    >>> T, B, D, H = 5, 2, 3, 4
+    >>> gru = torch.nn.GRU(D, H)
+    >>> x, h0 = torch.randn(T, B, D), torch.zeros(1, B, H)
+    >>> states = torch.ops.hbp.recurrence("gru", x, h0, *gru.parameters(), 3, 0.0)
+    >>> torch.allclose(states[1:, 0], gru(x, h0)[0])
+    True
+    """
+    params = _params(w_ih, w_hh, b_ih, b_hh)
+    if mode != "lstm":
+        out, _ = _KERNELS[mode](input, state0, params, b_ih is not None, 1, 0.0, False, False, False)
+        return torch.cat([state0, out]).unsqueeze(1)
+    c0, h0 = state0[0], state0[1]
+    out, _, _ = torch.lstm(input, (h0[None], c0[None]), params, b_ih is not None, 1, 0.0, False, False, False)
+    hs = torch.cat([h0[None], out])
+    gates = F.linear(input, w_ih, b_ih) + F.linear(hs[:-1], w_hh, b_hh)
+    i, f, g, _ = gates.chunk(4, -1)
+    cs = linear_scan(torch.cat([c0[None], torch.sigmoid(i) * torch.tanh(g)]),
+                     torch.cat([torch.zeros_like(c0[None]), torch.sigmoid(f)]))
+    return torch.stack([cs, hs], 1)
+
+
+@recurrence.register_fake
+def _(mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma):
+    return input.new_empty((input.shape[0] + 1, *state0.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma = inputs
+    ctx.mode, ctx.k, ctx.gamma = mode, k, gamma
+    ctx.save_for_backward(input, w_ih, w_hh, b_ih, b_hh, output)
+
+
+def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, states: Tensor, input: Tensor,
+                     weights: Sequence[Tensor | None], needs_grad: Sequence[bool]) -> list[Tensor | None]:
+    """Gradients of ``(input, state0, w_ih, w_hh, b_ih, b_hh)`` given the cotangents of all states."""
+    cell = CELLS[mode]
+    w_ih, w_hh, b_ih, b_hh = weights
+    steps = states.shape[0] - 1
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) if t is not None else None
+                  for t, need in zip((input, w_ih, w_hh, b_ih, b_hh), (needs_grad[0], *needs_grad[2:]))]
+        x_in, w_ih_, w_hh_, b_ih_, b_hh_ = leaves
+        x_g = states[:-1].detach().requires_grad_()
+        gi = F.linear(x_in, w_ih_, b_ih_)
+        y, k_diag = cell.split_step(states[:-1].detach(), x_g, gi, w_hh_, b_hh_)
+        a = grad_states
+
+        def scan(c: Tensor) -> Tensor:
+            if cell.num_states == 1 and mode.startswith("rnn") and gamma == 0:
+                return c  # K = 0: nothing travels along a residual path
+            return reverse_linear_scan(c, (1.0 - gamma) * k_diag)
+
+        w = scan(a)
+        for _ in range(min(k, steps)):
+            (v,) = torch.autograd.grad(y, x_g, w[1:], retain_graph=True)
+            if gamma:
+                v = v + gamma * k_diag * w[1:]  # γ-split: γ·K moves into the block (HIGHWAY_BP.md §1)
+            w = scan(a + F.pad(v, [0] * (2 * v.dim() - 1) + [1]))
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, w[1:], allow_unused=True) if wanted else ())
+    out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+    out.insert(1, w[0] if needs_grad[1] else None)
+    return out
+
+
+def _backward(ctx, grad_states):
+    input, w_ih, w_hh, b_ih, b_hh, states = ctx.saved_tensors
+    grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
+                             (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7])
+    return (None, *grads, None, None)
+
+
+recurrence.register_autograd(_backward, setup_context=_setup_context)

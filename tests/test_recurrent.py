@@ -1,0 +1,127 @@
+"""``nn.RNN``/``nn.GRU``/``nn.LSTM`` swapped for Highway-BP recurrences over time steps (float64)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hbp_compile import explain, hbp_compile
+
+from .recurrent_models import RecurrentLoss
+from .reference import highway_reference_grads, max_relative_error
+
+TOL = 1e-8
+
+
+class Head(torch.nn.Module):
+    def __init__(self, rnn: torch.nn.Module, width: int):
+        super().__init__()
+        self.rnn, self.fc = rnn, torch.nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0]).pow(2).mean()
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+CONFIGS = {
+    "rnn-tanh": (lambda: torch.nn.RNN(3, 5), 5),
+    "rnn-relu-2layers": (lambda: torch.nn.RNN(3, 5, num_layers=2, nonlinearity="relu"), 5),
+    "gru": (lambda: torch.nn.GRU(3, 5), 5),
+    "gru-2layers-batch-first": (lambda: torch.nn.GRU(3, 5, num_layers=2, batch_first=True), 5),
+    "lstm": (lambda: torch.nn.LSTM(3, 5), 5),
+    "lstm-2layers-bidirectional-dropout": (
+        lambda: torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True, dropout=0.25), 10),
+    "gru-no-bias": (lambda: torch.nn.GRU(3, 5, bias=False), 5),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_swapped_modules_are_exact_at_k_ge_T(name):
+    factory, width = CONFIGS[name]
+    torch.manual_seed(0)
+    model = Head(factory(), width).double()
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    want_out = model(x)
+    want_out.backward()
+    want = grads(model)
+    model.zero_grad()
+    compiled = hbp_compile(model, k=7, backend="eager")
+    torch.manual_seed(1)
+    out = compiled(x)
+    assert torch.equal(out, want_out)  # the module's own kernels run the forward
+    out.backward()
+    assert max_relative_error(grads(model), want) < TOL
+    steps = 2 if model.rnn.batch_first else 7
+    directions = 2 if model.rnn.bidirectional else 1
+    assert compiled.hbp_report.num_layers == steps * model.rnn.num_layers * directions
+    assert all(r.swapped for r in compiled.hbp_report.records[0].recurrences)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("k,gamma", [(0, 0.0), (1, 0.0), (3, 0.0), (2, 0.5), (1, 1.0)])
+def test_small_k_matches_sequential_reference(kind, k, gamma):
+    torch.manual_seed(0)
+    model = RecurrentLoss(kind, 3, 4, 2).double()
+    x = torch.randn(9, 2, 3, dtype=torch.float64)
+    want = highway_reference_grads(model, x, k, gamma)
+    model.zero_grad()
+    compiled = hbp_compile(model, k=k, gamma=gamma, backend="eager")
+    compiled(x).backward()
+    assert max_relative_error(grads(model), want) < TOL
+    exact = highway_reference_grads(model, x, 9)
+    assert max_relative_error(want, exact) > 1e-4  # a real truncation, not backprop in disguise
+
+
+def test_reference_itself_is_exact_at_k_ge_T():
+    torch.manual_seed(0)
+    model = RecurrentLoss("lstm", 3, 4, 2).double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    model(x).backward()
+    want = grads(model)
+    assert max_relative_error(highway_reference_grads(model, x, 6), want) < TOL
+
+
+class Packed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = torch.nn.LSTM(3, 5)
+
+    def forward(self, x, lengths):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        return self.rnn(packed)[1][0].pow(2).sum()
+
+
+def test_packed_sequences_train_exactly_and_say_so():
+    torch.manual_seed(0)
+    model = Packed().double()
+    x, lengths = torch.randn(6, 3, 3, dtype=torch.float64), torch.tensor([6, 4, 2])
+    want_out = model(x, lengths)
+    want_out.backward()
+    want = grads(model)
+    model.zero_grad()
+    compiled = hbp_compile(model, k=1, backend="eager")
+    with pytest.warns(UserWarning, match="trains with exact backprop"):
+        out = compiled(x, lengths)
+    out.backward()
+    assert torch.equal(out, want_out)
+    assert max_relative_error(grads(model), want) < 1e-12
+
+
+def test_explain_reports_the_recurrence():
+    model = Head(torch.nn.LSTM(3, 5, num_layers=2), 5)
+    report = str(explain(model, torch.randn(4, 2, 3)))
+    assert "recurrence 0: nn.LSTM rnn: 2 layer(s) x 1 direction(s), T=4" in report
+    assert "K = diag(f) on c, 0 on h" in report
+
+
+def test_recurrence_forward_does_not_grow_the_graph_with_T():
+    """One opaque op per layer-direction, whatever the sequence length."""
+    model = Head(torch.nn.GRU(3, 5), 5)
+    for steps in (4, 64):
+        compiled = hbp_compile(model, k=1, backend="eager")
+        compiled(torch.randn(steps, 2, 3))
+        graph = compiled.hbp_report.records[0].aten_graph.graph
+        assert sum(1 for n in graph.nodes if n.op == "call_function") < 40
