@@ -23,7 +23,7 @@ import torch.fx as fx
 from ..detect.model import Chain, ResidualKind
 from .layer_graphs import layer_graph, random_nodes, split_layer_graph
 from .layout import Plan, StateRuns, gather, scatter_add_
-from .scans import reverse_cumsum, reverse_linear_scan
+from .scans import ReverseLinearScan, flush_denormals, reverse_cumsum, reverse_linear_scan
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ class HighwayChain(torch.autograd.Function):
                 r, offset = runs.locate(state)
                 a[r][offset] += g
         grad_side_outputs = grad_rest[len(program.taps):]
-        with torch.enable_grad():
+        with torch.enable_grad(), flush_denormals():
             batched = [_BatchedGroup(g, states, sides, sides_need_grad, draws) for g in program.groups]
             offsets = program.side_offsets()
             for b in batched:
@@ -278,7 +278,7 @@ def _run_scans(program: ChainProgram, batched: Sequence[_BatchedGroup]) -> list[
             k_diag[r][list(offsets)] = k[start: start + len(offsets)]
             start += len(offsets)
     return [
-        functools.partial(reverse_linear_scan, k=(1.0 - gamma) * k_diag[r]) if r in k_diag
+        ReverseLinearScan((1.0 - gamma) * k_diag[r]) if r in k_diag
         else reverse_cumsum if gamma == 0
         else functools.partial(reverse_linear_scan, k=1.0 - gamma)
         for r in range(len(runs))

@@ -6,6 +6,9 @@ recurrence that Hillis–Steele scans in ⌈log2(L+1)⌉ steps of O(L) work with
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -33,6 +36,59 @@ def linear_scan(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return b
 
 
+class ReverseLinearScan:
+    """``w_i = c_i + w_{i+1} · k_i`` (``w_L = c_L``) for many ``c`` with the same ``k``, by Hillis–Steele.
+
+    The running products of ``k`` at each of the ⌈log2(L+1)⌉ levels depend on ``k`` only, so they are
+    computed once and reused by every scan of a backward (one per Highway-BP iteration). Each level
+    is one fused multiply-add on the state tensor, done in place: no concatenations.
+
+    >>> scan = ReverseLinearScan(torch.tensor([2., 3.]))
+    >>> scan(torch.tensor([1., 1., 1.]))
+    tensor([9., 4., 1.])
+    """
+
+    def __init__(self, k: torch.Tensor):
+        # products[level][i] = Π k over [i, i + 2^level) (zero past the end): what w[i + 2^level] is
+        # multiplied by when it is added to w[i] at that level. Long products of gates in (0, 1)
+        # underflow into subnormal numbers, which are slow on CPUs: see ``flush_denormals``.
+        step = torch.cat([k, torch.zeros_like(k[:1])], dim=0)
+        self.products = []
+        offset = 1
+        while offset < step.shape[0]:
+            previous = step
+            self.products.append(previous[: previous.shape[0] - offset])
+            step = previous.clone()
+            step[:-offset] *= previous[offset:]
+            offset *= 2
+
+    def __call__(self, c: torch.Tensor) -> torch.Tensor:
+        w = c.clone()
+        offset = 1
+        for product in self.products:
+            w[:-offset] += product * w[offset:]
+            offset *= 2
+        return w
+
+
+@contextlib.contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Treat subnormal floats as zero on the CPU for the duration (restoring the caller's mode).
+
+    The scans multiply long runs of gate values in (0, 1); their products underflow into subnormal
+    numbers, and arithmetic on those is one to two orders of magnitude slower on x86 CPUs. They are
+    below every float's resolution relative to the values they scale, so flushing them to zero
+    changes no result that matters (the float64 exactness tests run under it).
+    """
+    probe = torch.tensor(1e-39, dtype=torch.float32)  # subnormal in float32
+    was_on = (probe * 1.0).item() == 0.0
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_on)
+
+
 def reverse_linear_scan(c: torch.Tensor, k: torch.Tensor | float) -> torch.Tensor:
     """``w_i = c_i + w_{i+1} · k_i`` for ``i < L`` and ``w_L = c_L``, by Hillis–Steele.
 
@@ -45,6 +101,4 @@ def reverse_linear_scan(c: torch.Tensor, k: torch.Tensor | float) -> torch.Tenso
     n = c.shape[0]
     if not isinstance(k, torch.Tensor):
         k = torch.full((n - 1,) + (1,) * (c.dim() - 1), float(k), dtype=c.dtype, device=c.device)
-    # Forward-time view: t = L - i; y_t = b_t + a_t · y_{t-1} with a_t = k_{L-t}, a_0 unused.
-    a = torch.cat([torch.zeros_like(k[:1]), k.flip(0)], dim=0)
-    return linear_scan(c.flip(0), a).flip(0)
+    return ReverseLinearScan(k)(c)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine.scans import linear_scan, reverse_linear_scan
+from ..engine.scans import ReverseLinearScan, flush_denormals, linear_scan
 from .cells import CELLS
 
 _KERNELS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru": torch.gru}
@@ -73,38 +73,47 @@ def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, state
     """Gradients of ``(input, state0, w_ih, w_hh, b_ih, b_hh)`` given the cotangents of all states."""
     cell = CELLS[mode]
     w_ih, w_hh, b_ih, b_hh = weights
-    steps = states.shape[0] - 1
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip((input, w_ih, w_hh, b_ih, b_hh), (needs_grad[0], *needs_grad[2:]))]
-        x_in, w_ih_, w_hh_, b_ih_, b_hh_ = leaves
-        x_g = states[:-1].detach().requires_grad_()
-        gi = F.linear(x_in, w_ih_, b_ih_)
-        y, k_diag = cell.split_step(states[:-1].detach(), x_g, gi, w_hh_, b_hh_)
-        a = grad_states
+    steps, hidden = states.shape[0] - 1, cell.num_states - 1
+    x = states[:-1]
+    gates = cell.recompute(x, F.linear(input, w_ih, b_ih), w_hh, b_hh)
 
-        def scan(c: Tensor) -> Tensor:
-            if cell.num_states == 1 and mode.startswith("rnn") and gamma == 0:
-                return c  # K = 0: nothing travels along a residual path
-            return reverse_linear_scan(c, (1.0 - gamma) * k_diag)
+    def block_vjp(w: Tensor) -> Tensor:
+        d_c, d_gh, _ = cell.vjp(gates, w)
+        out = torch.empty_like(x)
+        out[:, hidden] = d_gh @ w_hh
+        if d_c is not None:
+            out[:, 0] = d_c
+        return out
 
-        w = scan(a)
-        for _ in range(min(k, steps)):
-            (v,) = torch.autograd.grad(y, x_g, w[1:], retain_graph=True)
-            if gamma:
-                v = v + gamma * k_diag * w[1:]  # γ-split: γ·K moves into the block (HIGHWAY_BP.md §1)
-            w = scan(a + F.pad(v, [0] * (2 * v.dim() - 1) + [1]))
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wanted, w[1:], allow_unused=True) if wanted else ())
-    out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-    out.insert(1, w[0] if needs_grad[1] else None)
-    return out
+    # K = 0 (plain RNN): nothing travels along a residual path
+    scan = (lambda c: c) if mode.startswith("rnn") else ReverseLinearScan((1.0 - gamma) * gates.k_diag)
+    a = grad_states
+    w = scan(a)
+    for _ in range(min(k, steps)):
+        v = block_vjp(w[1:])
+        if gamma:
+            v += gamma * gates.k_diag * w[1:]  # γ-split: γ·K moves into the block (HIGHWAY_BP.md §1)
+        c = a.clone()
+        c[:-1] += v
+        w = scan(c)
+    _, d_gh, d_gi = cell.vjp(gates, w[1:])
+    flat_gi, flat_gh = d_gi.flatten(0, -2), d_gh.flatten(0, -2)
+    grads: list[Tensor | None] = [
+        d_gi @ w_ih if needs_grad[0] else None,
+        w[0] if needs_grad[1] else None,
+        flat_gi.t() @ input.flatten(0, -2) if needs_grad[2] else None,
+        flat_gh.t() @ x[:, hidden].flatten(0, -2) if needs_grad[3] else None,
+        flat_gi.sum(0) if b_ih is not None and needs_grad[4] else None,
+        flat_gh.sum(0) if b_hh is not None and needs_grad[5] else None,
+    ]
+    return grads
 
 
 def _backward(ctx, grad_states):
     input, w_ih, w_hh, b_ih, b_hh, states = ctx.saved_tensors
-    grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
-                             (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7])
+    with flush_denormals():
+        grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
+                                 (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7])
     return (None, *grads, None, None)
 
 
