@@ -19,6 +19,7 @@ import torch.fx as fx
 from .capture import to_aten_graph
 from .detect import Detection, find_residual_chains
 from .options import HbpOptions
+from .recurrent.cell_loops import CELL_CALLS, swap_cell_loops
 from .recurrent.swap import RNN_CALLS, Recurrence, swap_recurrences
 from .rewrite import rewrite_chains
 from .verify import forward_mismatch, needs_forward_check
@@ -80,9 +81,11 @@ class HbpBackend:
         if not torch.is_grad_enabled():
             return self._fallback(record, Fallback.GRAD_DISABLED, warn=False)
         to_capture = gm
-        if any(node.target in RNN_CALLS for node in gm.graph.nodes):
+        if any(node.target in RNN_CALLS or node.target in CELL_CALLS for node in gm.graph.nodes):
             to_capture = fx.GraphModule(gm, _copy_graph(gm.graph))
-            record.recurrences = swap_recurrences(to_capture, k=self.options.k, gamma=self.options.gamma)
+            k, gamma = self.options.k, self.options.gamma
+            record.recurrences = (swap_recurrences(to_capture, k=k, gamma=gamma)
+                                  + swap_cell_loops(to_capture, k=k, gamma=gamma, min_steps=self.options.min_layers))
         try:
             record.aten_graph = to_aten_graph(to_capture, example_inputs)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: train exactly, and say why

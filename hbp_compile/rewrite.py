@@ -14,7 +14,6 @@ shapes), and the node order of everything else is preserved so random ops draw i
 """
 from __future__ import annotations
 
-import heapq
 import operator
 from collections.abc import Sequence
 
@@ -26,31 +25,11 @@ from ._torch_compat import FakeTensorMode
 from .detect.model import Chain
 from .engine.highway import ChainModule, ChainProgram, build_program, dry_run_backward
 from .engine.layer_graphs import draw_value, random_nodes
+from .graph_order import stable_topological_sort
 
 
 class RewriteError(RuntimeError):
     """An invariant of the rewrite failed; the backend falls back to exact backprop with this reason."""
-
-
-def stable_topological_sort(graph: fx.Graph) -> None:
-    """Reorder ``graph`` topologically, keeping the original order wherever it is already legal."""
-    nodes = list(graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
-    waiting = {n: len(set(n.all_input_nodes)) for n in nodes}
-    ready = [(index[n], n) for n in nodes if waiting[n] == 0]
-    heapq.heapify(ready)
-    ordered = []
-    while ready:
-        _, node = heapq.heappop(ready)
-        ordered.append(node)
-        for user in node.users:
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                heapq.heappush(ready, (index[user], user))
-    if len(ordered) != len(nodes):
-        raise RewriteError("the rewritten graph has a cycle")
-    for prev, node in zip(ordered, ordered[1:]):
-        prev.append(node)
 
 
 def _check_backward_traces(program: ChainProgram, chain: Chain, sides: Sequence[fx.Node]) -> None:

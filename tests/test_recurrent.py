@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hbp_compile import explain, hbp_compile
 
@@ -148,48 +149,91 @@ class CellLoop(torch.nn.Module):
         return self.head(torch.stack(outputs)).pow(2).sum()
 
 
-class SameAsModule(torch.nn.Module):
-    """``nn.GRU`` over the very tensors of a ``CellLoop``'s cell."""
+class HandWrittenGRU(torch.nn.Module):
+    """The GRU equations written out in a Python loop (no cell module): found by the residual rule."""
 
     def __init__(self, loop: CellLoop):
         super().__init__()
-        self.rnn = torch.nn.GRU(3, 4).double()
+        self.cell, self.head = loop.cell, loop.head
+
+    def forward(self, x):
+        c = self.cell
+        h, outputs = torch.zeros(x.shape[1], 4, dtype=x.dtype), []
+        for x_t in x:
+            i_r, i_z, i_n = F.linear(x_t, c.weight_ih, c.bias_ih).chunk(3, -1)
+            h_r, h_z, h_n = F.linear(h, c.weight_hh, c.bias_hh).chunk(3, -1)
+            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            h = (1 - z) * torch.tanh(i_n + r * h_n) + z * h
+            outputs.append(h)
+        return self.head(torch.stack(outputs)).pow(2).sum()
+
+
+class SameAsModule(torch.nn.Module):
+    """``nn.GRU``/``nn.LSTM`` over the very tensors of a ``CellLoop``'s cell."""
+
+    def __init__(self, loop: CellLoop):
+        super().__init__()
+        self.kind = loop.kind
+        self.rnn = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[loop.kind](3, 4).double()
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             setattr(self.rnn, f"{name}_l0", getattr(loop.cell, name))
         self.head = loop.head
 
     def forward(self, x):
-        return self.head(self.rnn(x, torch.zeros(1, x.shape[1], 4, dtype=x.dtype))[0]).pow(2).sum()
+        zeros = torch.zeros(1, x.shape[1], 4, dtype=x.dtype)
+        return self.head(self.rnn(x, (zeros, zeros) if self.kind == "lstm" else zeros)[0]).pow(2).sum()
+
+
+def loop_grads(model):
+    return {n.replace("rnn.", "cell.").replace("_l0", ""): p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_cell_loop_is_one_recurrence_exact_at_k_ge_T(kind):
+    torch.manual_seed(0)
+    loop = CellLoop(kind).double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    want_out = loop(x)
+    want_out.backward()
+    want = grads(loop)
+    loop.zero_grad()
+    compiled = hbp_compile(loop, k=6, backend="eager")
+    out = compiled(x)
+    assert torch.equal(out, want_out)  # the loop's own one-step kernel, step by step
+    out.backward()
+    assert max_relative_error(grads(loop), want) < TOL
+    assert compiled.hbp_report.num_layers == 6
+    assert f"loop over nn.{kind.upper()}Cell cell" in str(compiled.hbp_report)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_cell_loop_at_small_k_equals_the_module_path(kind):
+    """The nn.GRU/nn.LSTM path is checked against the sequential reference above; a loop over the
+    cell with the same weights must give the same truncated gradient."""
+    torch.manual_seed(0)
+    loop = CellLoop(kind).double()
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    hbp_compile(loop, k=1, backend="eager")(x).backward()
+    from_loop = grads(loop)
+    loop.zero_grad()
+    module = SameAsModule(loop)
+    hbp_compile(module, k=1, backend="eager")(x).backward()
+    assert max_relative_error(from_loop, loop_grads(module)) < TOL
 
 
 @pytest.mark.parametrize("k", [1, 6])
-def test_unrolled_gru_cell_loop_is_a_chain_and_agrees_with_the_swapped_module(k):
-    """Two independent paths to the same estimate: the residual rule on dynamo's unrolled loop (K found
+def test_hand_written_gru_loop_is_a_chain_and_agrees_with_the_module(k):
+    """Two independent paths to one estimate: the residual rule on dynamo's unrolled equations (K found
     by autograd on the split layer graph) and the recurrence op (hand-written cell VJPs)."""
     torch.manual_seed(0)
     loop = CellLoop("gru").double()
     x = torch.randn(6, 2, 3, dtype=torch.float64)
-    compiled = hbp_compile(loop, k=k, backend="eager")
+    compiled = hbp_compile(HandWrittenGRU(loop), k=k, backend="eager")
     compiled(x).backward()
     assert compiled.hbp_report.num_layers == 6
     assert compiled.hbp_report.chains[0].layers[0].kind.value == "diagonal"
-    from_loop = {n: p.grad.clone() for n, p in loop.named_parameters()}
+    from_loop = grads(loop)
     loop.zero_grad()
     module = SameAsModule(loop)
     hbp_compile(module, k=k, backend="eager")(x).backward()
-    from_module = {"cell.weight_ih": module.rnn.weight_ih_l0.grad, "cell.weight_hh": module.rnn.weight_hh_l0.grad,
-                   "cell.bias_ih": module.rnn.bias_ih_l0.grad, "cell.bias_hh": module.rnn.bias_hh_l0.grad,
-                   "head.weight": module.head.weight.grad, "head.bias": module.head.bias.grad}
-    assert max_relative_error(from_loop, from_module) < TOL
-
-
-def test_unrolled_lstm_cell_loop_trains_exactly_and_says_why():
-    torch.manual_seed(0)
-    loop = CellLoop("lstm").double()
-    x = torch.randn(5, 2, 3, dtype=torch.float64)
-    loop(x).backward()
-    want = grads(loop)
-    loop.zero_grad()
-    with pytest.warns(UserWarning, match="no residual chain found"):
-        hbp_compile(loop, k=1, backend="eager")(x).backward()
-    assert max_relative_error(grads(loop), want) < 1e-12
+    assert max_relative_error(from_loop, loop_grads(module)) < TOL

@@ -23,6 +23,8 @@ from ..engine.scans import ReverseLinearScan, flush_denormals, linear_scan
 from .cells import CELLS
 
 _KERNELS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru": torch.gru}
+STEP_KERNELS = {"rnn_tanh": torch.rnn_tanh_cell, "rnn_relu": torch.rnn_relu_cell, "gru": torch.gru_cell,
+                "lstm": torch.lstm_cell}
 
 
 def _params(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> list[Tensor]:
@@ -31,10 +33,12 @@ def _params(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
 
 @torch.library.custom_op("hbp::recurrence", mutates_args=())
 def recurrence(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-               b_hh: Tensor | None, k: int, gamma: float) -> Tensor:
+               b_hh: Tensor | None, k: int, gamma: float, step_kernel: bool = False) -> Tensor:
     """All states ``(T+1, m, B, H)`` of one recurrent layer over a time-major ``input`` ``(T, B, D)``.
 
-    ``state0`` is ``(m, B, H)``: ``[h]``, or ``[c, h]`` for LSTM.
+    ``state0`` is ``(m, B, H)``: ``[h]``, or ``[c, h]`` for LSTM. With ``step_kernel`` the forward is a
+    loop of the one-step kernels (``torch.gru_cell`` ...), bit-identical to a user's loop over
+    ``nn.GRUCell``; else the fused sequence kernel of ``nn.GRU``, bit-identical to the module.
 
     >>> T, B, D, H = 5, 2, 3, 4
     >>> gru = torch.nn.GRU(D, H)
@@ -43,6 +47,8 @@ def recurrence(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Ten
     >>> torch.allclose(states[1:, 0], gru(x, h0)[0])
     True
     """
+    if step_kernel:
+        return _step_loop(mode, input, state0, w_ih, w_hh, b_ih, b_hh)
     params = _params(w_ih, w_hh, b_ih, b_hh)
     if mode != "lstm":
         out, _ = _KERNELS[mode](input, state0, params, b_ih is not None, 1, 0.0, False, False, False)
@@ -57,14 +63,27 @@ def recurrence(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Ten
     return torch.stack([cs, hs], 1)
 
 
+def _step_loop(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+               b_hh: Tensor | None) -> Tensor:
+    step = STEP_KERNELS[mode]
+    states = [state0]
+    for x_t in input:
+        if mode == "lstm":
+            h, c = step(x_t, (states[-1][1], states[-1][0]), w_ih, w_hh, b_ih, b_hh)
+            states.append(torch.stack([c, h]))
+        else:
+            states.append(step(x_t, states[-1][0], w_ih, w_hh, b_ih, b_hh).unsqueeze(0))
+    return torch.stack(states)
+
+
 @recurrence.register_fake
-def _(mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma):
+def _(mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma, step_kernel=False):
     return input.new_empty((input.shape[0] + 1, *state0.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma = inputs
-    ctx.mode, ctx.k, ctx.gamma = mode, k, gamma
+    mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma = inputs[:9]
+    ctx.mode, ctx.k, ctx.gamma, ctx.num_inputs = mode, k, gamma, len(inputs)
     ctx.save_for_backward(input, w_ih, w_hh, b_ih, b_hh, output)
 
 
@@ -114,7 +133,7 @@ def _backward(ctx, grad_states):
     with flush_denormals():
         grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
                                  (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7])
-    return (None, *grads, None, None)
+    return (None, *grads, *[None] * (ctx.num_inputs - 1 - len(grads)))
 
 
 recurrence.register_autograd(_backward, setup_context=_setup_context)

@@ -23,6 +23,7 @@ from .op import recurrence  # noqa: F401  (registers torch.ops.hbp.recurrence)
 _MODES = {torch.lstm: "lstm", torch.gru: "gru", torch.rnn_tanh: "rnn_tanh", torch.rnn_relu: "rnn_relu"}
 RNN_CALLS = tuple(_MODES)
 _MODULE_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN(tanh)", "rnn_relu": "RNN(relu)"}
+_CELL_NAMES = {"lstm": "LSTMCell", "gru": "GRUCell", "rnn_tanh": "RNNCell(tanh)", "rnn_relu": "RNNCell(relu)"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Recurrence:
     bidirectional: bool
     steps: int  # time steps T (0 when unknown)
     reason: str = ""
+    cell_loop: bool = False  # a Python loop over a cell module, not an nn.RNN-style module
 
     @property
     def swapped(self) -> bool:
@@ -46,6 +48,8 @@ class Recurrence:
 
     def describe(self) -> str:
         name = f"nn.{_MODULE_NAMES[self.mode]} {self.module_path or '?'}"
+        if self.cell_loop:
+            name = f"loop over nn.{_CELL_NAMES[self.mode]} {self.module_path or '?'}"
         shape = f"{self.num_layers} layer(s) x {2 if self.bidirectional else 1} direction(s), T={self.steps}"
         if not self.swapped:
             return f"{name}: exact backprop ({self.reason})"

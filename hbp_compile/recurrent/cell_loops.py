@@ -1,0 +1,132 @@
+"""Capture-stage pass: a Python loop over ``nn.GRUCell``/``nn.LSTMCell``/``nn.RNNCell`` as one recurrence.
+
+Dynamo unrolls such a loop into ``T`` calls ``torch.lstm_cell(x_t, (h, c), w_ih, w_hh, b_ih, b_hh)``
+(``torch.gru_cell(x_t, h, ...)`` ...), each reading the previous call's state. A run of such calls
+with the same weights, whose inputs ``x_t`` do not depend on the run itself (teacher forcing, not
+autoregressive decoding), becomes one ``hbp::recurrence`` over the stacked inputs with
+``step_kernel=True``: the forward still calls the one-step kernel ``T`` times (bit-identical to the
+loop), and the backward is Highway-BP over the steps. Every step's state that the program reads
+becomes a slice of the recurrence's states (taps). LSTM's state is the pair ``[c, h]``.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..detect.ops import module_path
+from ..graph_order import stable_topological_sort
+from .op import recurrence  # noqa: F401  (registers torch.ops.hbp.recurrence)
+from .swap import Recurrence
+
+_CELL_CALLS = {torch.lstm_cell: "lstm", torch.gru_cell: "gru", torch.rnn_tanh_cell: "rnn_tanh",
+               torch.rnn_relu_cell: "rnn_relu"}
+CELL_CALLS = tuple(_CELL_CALLS)
+
+
+def _state_inputs(call: fx.Node) -> tuple[object, ...]:
+    hx = call.args[1]
+    return tuple(hx) if isinstance(hx, (tuple, list)) else (hx,)
+
+
+def _outputs(call: fx.Node) -> dict[int, list[fx.Node]] | None:
+    """LSTM: getitem users by index (0 = h, 1 = c); other cells: the call itself is h."""
+    if _CELL_CALLS[call.target] != "lstm":
+        return {0: [call]}
+    found: dict[int, list[fx.Node]] = {0: [], 1: []}
+    for user in call.users:
+        if user.target is not operator.getitem or user.args[1] not in (0, 1):
+            return None
+        found[user.args[1]].append(user)
+    return found
+
+
+def _next_call(call: fx.Node) -> fx.Node | None:
+    """The one cell call with the same weights whose state input is ``call``'s output state."""
+    outputs = _outputs(call)
+    if outputs is None:
+        return None
+    candidates = {u for nodes in outputs.values() for n in nodes for u in n.users if u.target is call.target}
+    for nxt in candidates:
+        if list(nxt.args[2:]) != list(call.args[2:]):
+            continue
+        state = _state_inputs(nxt)
+        if _CELL_CALLS[call.target] == "lstm":
+            if state[0] in outputs[0] and state[1] in outputs[1]:
+                return nxt
+        elif state[0] is call:
+            return nxt
+    return None
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def _cell_loop_states(mode: str, k: int, gamma: float, inputs: list, state0: tuple, w_ih, w_hh, b_ih, b_hh):
+    """All states ``(T+1, m, B, H)`` of the loop (traced by make_fx into stack + one recurrence)."""
+    stacked = torch.stack(list(inputs))
+    if mode == "lstm":
+        h0, c0 = state0
+        first = torch.stack([c0, h0])
+    else:
+        first = state0[0].unsqueeze(0)
+    return torch.ops.hbp.recurrence(mode, stacked, first, w_ih, w_hh, b_ih, b_hh, k, gamma, True)
+
+
+def swap_cell_loops(gm: fx.GraphModule, *, k: int, gamma: float, min_steps: int = 2) -> tuple[Recurrence, ...]:
+    """Replace every run of ``min_steps`` or more chained cell calls in dynamo's graph ``gm``."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CELL_CALLS]
+    followers = {nxt for nxt in map(_next_call, calls) if nxt is not None}
+    found = []
+    for first in calls:
+        if first in followers:
+            continue
+        run = [first]
+        while (nxt := _next_call(run[-1])) is not None:
+            run.append(nxt)
+        mode = _CELL_CALLS[first.target]
+        inside = _descendants(first)
+        if len(run) < min_steps or any(call.args[0] in inside for call in run):
+            continue  # too short, or inputs computed from the loop's own states (autoregressive)
+        found.append(Recurrence(mode, module_path(first), 1, False, len(run), cell_loop=True))
+        _replace(gm.graph, run, mode, k, gamma)
+    if found:
+        gm.graph.eliminate_dead_code()
+        stable_topological_sort(gm.graph)
+        gm.graph.lint()
+        gm.recompile()
+    return tuple(found)
+
+
+def _replace(graph: fx.Graph, run: list[fx.Node], mode: str, k: int, gamma: float) -> None:
+    first, last = run[0], run[-1]
+    weights = list(first.args[2:]) + [None] * (6 - len(first.args))
+    with graph.inserting_after(last):
+        states = graph.call_function(
+            _cell_loop_states,
+            (mode, k, gamma, [call.args[0] for call in run], _state_inputs(first), *weights[:4]),
+        )
+    states.meta.update({key: first.meta[key] for key in ("nn_module_stack", "stack_trace") if key in first.meta})
+    hidden = 1 if mode == "lstm" else 0
+    for t, call in enumerate(run, start=1):
+        outputs = _outputs(call)
+        assert outputs is not None
+        for index, nodes in outputs.items():
+            component = hidden if index == 0 else 0
+            for node in nodes:
+                with graph.inserting_after(states):
+                    value = graph.call_function(operator.getitem, (states, (t, component)))
+                node.replace_all_uses_with(value)
+    for call in reversed(run):  # the steps' calls are now unread (each next call was rewired too)
+        for node in list(call.users):
+            graph.erase_node(node)
+        graph.erase_node(call)
