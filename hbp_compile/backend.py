@@ -20,6 +20,7 @@ from .capture import to_aten_graph
 from .detect import Detection, find_residual_chains
 from .options import HbpOptions
 from .recurrent.cell_loops import CELL_CALLS, swap_cell_loops
+from .recurrent.scan_hop import rewrite_scans
 from .recurrent.swap import RNN_CALLS, Recurrence, swap_recurrences
 from .rewrite import rewrite_chains
 from .verify import forward_mismatch, needs_forward_check
@@ -90,6 +91,10 @@ class HbpBackend:
             record.aten_graph = to_aten_graph(to_capture, example_inputs)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: train exactly, and say why
             return self._fallback(record, Fallback.CAPTURE_FAILED, f"{type(exc).__name__}: {exc}", exc)
+        try:
+            record.recurrences += rewrite_scans(record.aten_graph, k=self.options.k, gamma=self.options.gamma)
+        except Exception as exc:  # noqa: BLE001
+            return self._fallback(record, Fallback.REWRITE_FAILED, f"{type(exc).__name__}: {exc}", exc)
         record.detection = find_residual_chains(record.aten_graph.graph, min_layers=self.options.min_layers)
         swapped = any(r.swapped for r in record.recurrences)
         if not record.detection.chains and not swapped:

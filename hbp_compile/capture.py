@@ -34,8 +34,9 @@ def to_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) ->
     # tensor with symbolic sizes/strides"); on an aten graph dropout is already bernoulli + mul.
     with preserve_node_meta(), outside_dynamo_tracing():
         aten = make_fx(_interpreted(gm), tracing_mode="fake")(*example_inputs)
-        aten = make_fx(torch.func.functionalize(_interpreted(aten), remove="mutations"),
-                       tracing_mode="fake")(*example_inputs)
+        if any(_is_mutable(node) for node in aten.graph.nodes):
+            aten = make_fx(torch.func.functionalize(_interpreted(aten), remove="mutations"),
+                           tracing_mode="fake")(*example_inputs)
     # make_fx records autograd's `detach`es of saved outputs and unused tuple items; drop them.
     aten.graph.eliminate_dead_code()
     fold_static_sizes(aten.graph)
@@ -43,6 +44,12 @@ def to_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) ->
     merge_repeated_input_ops(aten.graph)
     aten.recompile()
     return aten
+
+
+def _is_mutable(node: fx.Node) -> bool:
+    # Functionalizing a graph that has nothing to functionalize is not free of risk: in torch 2.13
+    # it rejects some `scan` combine functions ("scan might be aliasing the input or the output").
+    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
 
 
 _SIZE_OPS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int)

@@ -74,7 +74,7 @@ def interval(x: fx.Node, y: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
     return (forward & backward) | {y}
 
 
-def _residual_path(x: fx.Node, nodes: set[fx.Node], y: fx.Node) -> set[fx.Node]:
+def residual_path(x: fx.Node, nodes: set[fx.Node], y: fx.Node) -> set[fx.Node]:
     """Nodes of the segment on a residual path from x to y: pointwise ops, and layer norms (the
     ``native_layer_norm`` node with its normalized output)."""
     reach: set[fx.Node] = set()
@@ -176,7 +176,7 @@ def segment_from(x: fx.Node, order: dict[fx.Node, int]) -> Segment | None:
             why = "another read of x rejoins the residual path after this point"
         if why is None:
             y = _extend_through_unary(x, y, nodes)
-            residual = _residual_path(x, nodes, y)
+            residual = residual_path(x, nodes, y)
             log.debug("segment %s -> %s: %d nodes", x.name, y.name, len(nodes))
             return Segment(
                 x=x,

@@ -37,6 +37,7 @@ class Recurrence:
     steps: int  # time steps T (0 when unknown)
     reason: str = ""
     cell_loop: bool = False  # a Python loop over a cell module, not an nn.RNN-style module
+    formula: str = ""  # the residual of a scan's combine function, as the report writes it
 
     @property
     def swapped(self) -> bool:
@@ -47,6 +48,11 @@ class Recurrence:
         return self.num_layers * (2 if self.bidirectional else 1)
 
     def describe(self) -> str:
+        if self.mode == "scan":
+            head = f"torch scan {self.module_path or '?'}"
+            if not self.swapped:
+                return f"{head}: exact backprop ({self.reason})"
+            return f"{head}: T={self.steps}, Highway-BP over time steps, {self.formula}"
         name = f"nn.{_MODULE_NAMES[self.mode]} {self.module_path or '?'}"
         if self.cell_loop:
             name = f"loop over nn.{_CELL_NAMES[self.mode]} {self.module_path or '?'}"
