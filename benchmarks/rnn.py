@@ -1,6 +1,11 @@
 """Highway-BP on recurrences: GRU and LSTM training steps vs backprop, measured in one run.
 
 Run: python benchmarks/rnn.py [--steps 256 1024] [--width 64] [--batch 32] [--repeats 5] [--device cpu|cuda]
+                              [--sources module cell-loop scan]
+
+Sources: ``module`` is ``nn.GRU``/``nn.LSTM``; ``cell-loop`` a Python loop over ``nn.GRUCell``/
+``nn.LSTMCell`` (dynamo unrolls it: capture time grows with T); ``scan`` the GRU cell inside
+``torch._higher_order_ops.scan`` (GRU only: an LSTM carry is a pair).
 
 Per cell and sequence length T it prints the median training-step time (forward + backward) of
 eager backprop, torch.compile backprop (T <= --compile-max-steps: Inductor unrolls the loop), the
@@ -31,6 +36,49 @@ class SequenceModel(nn.Module):
 
     def forward(self, x):
         return self.head(self.rnn(x)[0]).pow(2).mean()
+
+
+class CellLoopModel(nn.Module):
+    """The same model written as a Python loop over the cell module."""
+
+    def __init__(self, cell: str, width: int):
+        super().__init__()
+        self.cell = {"gru": nn.GRUCell, "lstm": nn.LSTMCell}[cell](width, width)
+        self.head = nn.Linear(width, width)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], self.cell.hidden_size)
+        c, outputs = h, []
+        for x_t in x:
+            if isinstance(self.cell, nn.LSTMCell):
+                h, c = self.cell(x_t, (h, c))
+            else:
+                h = self.cell(x_t, h)
+            outputs.append(h)
+        return self.head(torch.stack(outputs)).pow(2).mean()
+
+
+class ScanModel(nn.Module):
+    """The GRU cell inside ``torch._higher_order_ops.scan``."""
+
+    def __init__(self, cell: str, width: int):
+        super().__init__()
+        self.cell = nn.GRUCell(width, width)
+        self.head = nn.Linear(width, width)
+
+    def forward(self, x):
+        from torch._higher_order_ops import scan
+
+        def combine(h, x_t):
+            new = torch.gru_cell(x_t, h, self.cell.weight_ih, self.cell.weight_hh, self.cell.bias_ih,
+                                 self.cell.bias_hh)
+            return new, new.clone()
+
+        _, outputs = scan(combine, x.new_zeros(x.shape[1], self.cell.hidden_size), x)
+        return self.head(outputs).pow(2).mean()
+
+
+MODELS = {"module": SequenceModel, "cell-loop": CellLoopModel, "scan": ScanModel}
 
 
 def _sync(device: str) -> None:
@@ -66,10 +114,10 @@ def gradient(model: nn.Module, fn, x) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-def run(cell: str, steps: int, args) -> list[tuple[str, float, float, float]]:
+def run(source: str, cell: str, steps: int, args) -> list[tuple[str, float, float, float]]:
     """Rows (method, first call s, step s, gradient cosine vs exact)."""
     torch.manual_seed(0)
-    model = SequenceModel(cell, args.width).to(args.device)
+    model = MODELS[source](cell, args.width).to(args.device)
     x = torch.randn(steps, args.batch, args.width, device=args.device)
     exact = gradient(model, model, x)
     methods: list[tuple[str, object, bool]] = [("eager backprop", model, True), ("no-grad forward", model, False)]
@@ -78,7 +126,7 @@ def run(cell: str, steps: int, args) -> list[tuple[str, float, float, float]]:
         methods.append(("torch.compile backprop", torch.compile(model), True))
     methods += [(f"HBP k={k}", hbp_compile(model, k=k), True) for k in args.k]
     rows = []
-    for name, fn, grad in tqdm(methods, desc=f"{cell} T={steps}", leave=False):
+    for name, fn, grad in tqdm(methods, desc=f"{source} {cell} T={steps}", leave=False):
         first, step = measure(fn, x, args.repeats, args.device, grad=grad)
         cos = torch.nn.functional.cosine_similarity(gradient(model, fn, x), exact, dim=0).item() if grad else float("nan")
         rows.append((name, first, step, cos))
@@ -89,6 +137,7 @@ def run(cell: str, steps: int, args) -> list[tuple[str, float, float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cells", nargs="+", default=["gru", "lstm"])
+    parser.add_argument("--sources", nargs="+", default=["module"], choices=sorted(MODELS))
     parser.add_argument("--steps", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
@@ -98,16 +147,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     print(f"device={args.device} threads={torch.get_num_threads()} width={args.width} batch={args.batch} float32")
-    print("| cell | T | method | step (ms) | / eager backprop | first call (s) | grad cosine |")
-    print("|---|---|---|---|---|---|---|")
-    for cell in args.cells:
-        for steps in args.steps:
-            rows = run(cell, steps, args)
-            base = rows[0][2]
-            for name, first, step, cos in rows:
-                cosine = "" if cos != cos else f"{cos:.4f}"
-                print(f"| {cell} | {steps} | {name} | {1e3 * step:.1f} | {step / base:.2f} | {first:.2f} | {cosine} |",
-                      flush=True)
+    print("| source | cell | T | method | step (ms) | / eager backprop | first call (s) | grad cosine |")
+    print("|---|---|---|---|---|---|---|---|")
+    for source in args.sources:
+        for cell in args.cells:
+            if source == "scan" and cell != "gru":
+                continue
+            for steps in args.steps:
+                rows = run(source, cell, steps, args)
+                base = rows[0][2]
+                for name, first, step, cos in rows:
+                    cosine = "" if cos != cos else f"{cos:.4f}"
+                    print(f"| {source} | {cell} | {steps} | {name} | {1e3 * step:.1f} | {step / base:.2f} | "
+                          f"{first:.2f} | {cosine} |", flush=True)
 
 
 if __name__ == "__main__":
