@@ -2,11 +2,16 @@
 
 >>> from hbp_compile import hbp_compile, explain
 """
+import logging
+
 from .api import HighwayModule, explain, hbp_compile
 from .backend import Fallback, GraphRecord, HbpBackend, hbp_backend
 from .detect import Chain, Group, Layer, ResidualKind, find_residual_chains
 from .inspect import Report
 from .options import HbpOptions
+
+# Quiet by default: applications opt in with logging.getLogger("hbp_compile").setLevel(...) + a handler.
+logging.getLogger("hbp_compile").addHandler(logging.NullHandler())
 
 # `hbp_compile.explain(...)` as DESIGN.md §1 spells it, besides `from hbp_compile import explain`.
 hbp_compile.explain = explain  # type: ignore[attr-defined]

@@ -23,6 +23,13 @@ def capturing_rnns():
     return config.patch(allow_rnn=True)
 
 
+def trace_artifact(name: str, text: str) -> None:
+    """Emit ``text`` as a structured-trace artifact (shown by tlparse when ``TORCH_TRACE`` is set)."""
+    from torch._logging import trace_structured
+
+    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"}, payload_fn=lambda: text)
+
+
 def outside_dynamo_tracing():
     """Our own fake-tensor tracing must not add symbols to the shape env of the dynamo frame that
     is calling the backend (its guards would then refer to symbols with no source)."""
@@ -39,4 +46,5 @@ __all__ = [
     "preserve_node_meta",
     "register_dynamo_backend",
     "reset_dynamo",
+    "trace_artifact",
 ]

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from .capture import to_aten_graph
 from .detect import Detection, find_residual_chains
+from .inspect.dumps import write_dumps
 from .options import HbpOptions
 from .recurrent.cell_loops import CELL_CALLS, swap_cell_loops
 from .recurrent.scan_hop import rewrite_scans
@@ -51,6 +52,7 @@ class GraphRecord:
     reason: str = ""
     exception: BaseException | None = field(default=None, repr=False)
     recurrences: tuple[Recurrence, ...] = ()
+    aten_code: str = ""  # the aten graph before the rewrite edits it in place (kept for dumps)
 
     @property
     def num_layers(self) -> int:
@@ -79,6 +81,15 @@ class HbpBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], **_: object) -> Callable:
         record = GraphRecord(index=len(self.records), dynamo_graph=gm)
         self.records.append(record)
+        compiled = self._compile(record, gm, example_inputs)
+        if self.options.debug_dir:
+            try:
+                write_dumps(record, self.options)
+            except Exception as exc:  # noqa: BLE001 - dumps must never break training
+                log.warning("hbp_compile: could not write dumps for graph %d: %s", record.index, exc)
+        return compiled
+
+    def _compile(self, record: GraphRecord, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
         if not torch.is_grad_enabled():
             return self._fallback(record, Fallback.GRAD_DISABLED, warn=False)
         to_capture = gm
@@ -91,6 +102,8 @@ class HbpBackend:
             record.aten_graph = to_aten_graph(to_capture, example_inputs)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: train exactly, and say why
             return self._fallback(record, Fallback.CAPTURE_FAILED, f"{type(exc).__name__}: {exc}", exc)
+        if self.options.debug_dir:
+            record.aten_code = record.aten_graph.print_readable(print_output=False)
         try:
             record.recurrences += rewrite_scans(record.aten_graph, k=self.options.k, gamma=self.options.gamma)
         except Exception as exc:  # noqa: BLE001

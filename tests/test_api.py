@@ -40,7 +40,7 @@ def test_explain_report_text():
         "      1  layers.0      0  identity  r = x + z0; K = 1",
         "      2  layers.1      0  identity  r = x + z0; K = 1",
         "      3  layers.2      0  identity  r = x + z0; K = 1",
-        "  backward depth in block VJPs: backprop 3, highway 2 (+ 2 scan step(s) per iteration)",
+        "  backward depth (longest path) in block VJPs: backprop 3, highway 2 (+ 4 scan steps)",
     ])
     assert hbp_compile.explain is explain
 
@@ -110,3 +110,13 @@ def test_torch_compile_backend_hbp_with_options():
     assert max_relative_error({n: p.grad for n, p in model.named_parameters()}, want) < 1e-8
     with pytest.raises(Exception, match="unknown option"):
         torch.compile(make(mlp_stack(2)), backend="hbp", options={"kay": 1})(x)
+
+
+@pytest.mark.parametrize("layers,k", [(1, 0), (3, 1), (8, 3), (31, 10), (64, 2)])
+def test_backward_depth_longest_path(layers, k):
+    """The DAG's longest path: backprop L VJPs; Highway-BP min(k, L) + 1 VJPs and one log-depth scan
+    per pass (the closed form the report uses for recurrences)."""
+    from hbp_compile.inspect.depth import backward_depths
+
+    passes = min(k, layers) + 1
+    assert backward_depths(layers, k) == (layers, passes, passes * layers.bit_length())

@@ -3,25 +3,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..backend import GraphRecord
 from ..detect.model import Chain
 from ..options import HbpOptions
+from .depth import backward_depths
+
+if TYPE_CHECKING:
+    from ..backend import GraphRecord
 
 
 def backward_depth(chain: Chain, k: int) -> tuple[int, int, int]:
-    """Sequential depth of the backward in block VJPs: (backprop, Highway-BP, scan steps per iteration)."""
-    n = chain.num_layers
-    iterations = min(k, n)
-    scan_steps = (n).bit_length()  # ⌈log2(L+1)⌉ Hillis–Steele steps, or one cumsum
-    return n, iterations + 1, scan_steps
+    """Sequential depth of the backward: (backprop VJPs, Highway-BP VJPs, scan steps on its longest path)."""
+    return backward_depths(chain.num_layers, k)
 
 
 @dataclass(frozen=True)
 class Report:
     """What ``explain()`` found. ``print(report)`` shows it; ``num_layers`` counts residual layers."""
 
-    records: tuple[GraphRecord, ...]
+    records: tuple["GraphRecord", ...]
     options: HbpOptions
 
     @property
@@ -40,7 +41,7 @@ class Report:
         return "\n".join(format_report(self.records, self.options))
 
 
-def format_report(records: Sequence[GraphRecord], options: HbpOptions) -> list[str]:
+def format_report(records: Sequence["GraphRecord"], options: HbpOptions) -> list[str]:
     total = sum(r.num_layers for r in records)
     lines = [f"hbp_compile: {len(records)} captured region(s), {total} residual layer(s), "
              f"k={options.k}, gamma={options.gamma}"]
@@ -54,9 +55,10 @@ def format_report(records: Sequence[GraphRecord], options: HbpOptions) -> list[s
         for ri, recurrence in enumerate(record.recurrences):
             lines.append(f"region {record.index} recurrence {ri}: {recurrence.describe()}")
             if recurrence.swapped:
-                steps = recurrence.steps
-                lines.append(f"  backward depth in step VJPs per layer: backprop {steps}, "
-                             f"highway {min(options.k, steps) + 1} (+ {steps.bit_length()} scan step(s) per iteration)")
+                steps, passes = recurrence.steps, min(options.k, recurrence.steps) + 1
+                # the longest path of depth.highway_dag(T, k), in closed form (T can be thousands)
+                lines.append(f"  backward depth (longest path) in step VJPs per layer: backprop {steps}, "
+                             f"highway {passes} (+ {passes * steps.bit_length()} scan steps)")
         for ci, chain in enumerate(record.detection.chains):
             taps = ", ".join(f"h{t}" for t in chain.taps) or "none"
             lines.append(f"region {record.index} chain {ci}: {chain.num_layers} layers, "
@@ -67,8 +69,8 @@ def format_report(records: Sequence[GraphRecord], options: HbpOptions) -> list[s
                 lines.append(f"  {layer.index:>5}  {layer.module_path or '?':<{width}}  {layer.group:>5}  "
                              f"{layer.kind.value:<8}  {layer.formula}")
             bp, hbp, scan = backward_depth(chain, options.k)
-            lines.append(f"  backward depth in block VJPs: backprop {bp}, highway {hbp} "
-                         f"(+ {scan} scan step(s) per iteration)")
+            lines.append(f"  backward depth (longest path) in block VJPs: backprop {bp}, highway {hbp} "
+                         f"(+ {scan} scan steps)")
         for note in record.detection.notes:
             lines.append(f"  note: {note}")
     return lines

@@ -1,0 +1,154 @@
+"""Dumps of every step of the pass, under ``debug_dir=`` or ``$HBP_DEBUG_DIR`` (docs/debugging.md).
+
+Per captured graph ``N``, in ``<dir>/graph_N/``:
+
+* ``dynamo_graph.py``, ``aten_graph.py``, ``rewritten_graph.py``: the graph dynamo handed over, its
+  functional aten form (what detection reads), and the graph that runs (chain calls stitched in);
+* ``report.txt`` / ``report.json``: the ``explain()`` report of this graph (chains, layers, kinds,
+  fallback reason);
+* ``chain{C}_group{G}_layer.py`` / ``_split.py`` / ``_batched_vjp.py``: a group's layer graph (the
+  forward runs it once per layer), its split graph ``(x_r, x_g, ...) -> y``, and the batched VJP the
+  backward runs (``make_fx`` of ``vjp(vmap(split))`` on fake tensors: the ops of one iteration);
+* ``chain{C}.svg`` when pydot is installed.
+
+Each file is also emitted as a structured-trace artifact, so ``TORCH_TRACE=dir`` + ``tlparse`` show them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx as fx
+
+from .._torch_compat import FakeTensorMode, make_fx, trace_artifact
+from ..options import HbpOptions
+from .report import format_report
+
+if TYPE_CHECKING:
+    from ..backend import GraphRecord
+    from ..engine.highway import GroupProgram
+
+log = logging.getLogger("hbp_compile")
+
+
+def _readable(gm: fx.GraphModule) -> str:
+    return gm.print_readable(print_output=False)
+
+
+def record_json(record: "GraphRecord") -> dict:
+    """The report of one graph as plain data."""
+    chains = []
+    for chain in (record.detection.chains if record.detection else ()):
+        chains.append({
+            "num_layers": chain.num_layers,
+            "groups": [{"layers": list(g.layers), "stacked": list(g.stacked), "broadcast": list(g.broadcast),
+                        "kind": g.kind.value} for g in chain.groups],
+            "taps": list(chain.taps),
+            "layers": [{"index": layer.index, "module": layer.module_path, "group": layer.group,
+                        "kind": layer.kind.value, "residual": layer.formula,
+                        "side_inputs": [e.name for e in layer.externals],
+                        "side_outputs": [n.name for n in layer.side_outputs]} for layer in chain.layers],
+        })
+    return {
+        "graph": record.index,
+        "num_layers": record.num_layers,
+        "fallback": record.fallback.name if record.fallback else None,
+        "reason": record.reason,
+        "chains": chains,
+        "recurrences": [{"what": r.describe(), "steps": r.steps, "swapped": r.swapped} for r in record.recurrences],
+        "notes": list(record.detection.notes) if record.detection else [],
+    }
+
+
+def batched_vjp_graph(prog: "GroupProgram", state: torch.Tensor, sides: list[torch.Tensor]) -> fx.GraphModule:
+    """``make_fx`` of one group's batched block VJP, on fake tensors shaped like the chain's values."""
+    mode = FakeTensorMode()
+    n = len(prog.layers)
+
+    def fake(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        with mode:
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+    num_ext = len(prog.stacked) + len(prog.broadcast)
+    args: list[torch.Tensor | None] = [None] * num_ext
+    dims: list[int | None] = [None] * num_ext
+    for p, idx in prog.stacked:
+        args[p], dims[p] = fake((n, *sides[idx[0]].shape), sides[idx[0]]), 0
+    for p, i in prog.broadcast:
+        args[p] = fake(tuple(sides[i].shape), sides[i])
+    xs = fake((n, *state.shape), state)
+
+    def one_iteration(x_r, x_g, cotangent, *externals):
+        batched = torch.func.vmap(prog.split_fn, in_dims=(0, 0, *dims))
+        out, pullback = torch.func.vjp(lambda xg, *ext: batched(x_r, xg, *ext), x_g, *externals)
+        y = out[0] if isinstance(out, tuple) else out
+        return pullback(cotangent if not isinstance(out, tuple) else (cotangent, *map(torch.zeros_like, out[1:])))
+
+    return make_fx(one_iteration, tracing_mode="fake")(xs, xs, xs, *args)
+
+
+def _chain_calls(gm: fx.GraphModule) -> list[tuple[fx.Node, torch.nn.Module]]:
+    return [(n, gm.get_submodule(n.target)) for n in gm.graph.nodes
+            if n.op == "call_module" and n.target.startswith("hbp_chain_")]
+
+
+def _group_files(record: "GraphRecord") -> dict[str, str]:
+    files: dict[str, str] = {}
+    if record.rewritten is None:
+        return files
+    for c, (call, module) in enumerate(_chain_calls(record.rewritten)):
+        state = call.args[0].meta.get("val")
+        sides = [a.meta.get("val") for a in call.args[1:]]
+        for g, prog in enumerate(module.program.groups):
+            stem = f"chain{c}_group{g}"
+            files[f"{stem}_layer.py"] = _readable(prog.layer_fn)
+            files[f"{stem}_split.py"] = _readable(prog.split_fn)
+            try:
+                if prog.num_draws:
+                    raise NotImplementedError("the group replays random draws; its VJP graph takes them as inputs")
+                files[f"{stem}_batched_vjp.py"] = _readable(batched_vjp_graph(prog, state, sides))
+            except Exception as exc:  # noqa: BLE001 - a dump must never break training
+                files[f"{stem}_batched_vjp.py"] = f"# not traced: {type(exc).__name__}: {exc}\n"
+    return files
+
+
+def _svg(record: "GraphRecord") -> dict[str, bytes]:
+    try:
+        from torch.fx.passes.graph_drawer import FxGraphDrawer
+        import pydot  # noqa: F401
+    except ImportError:
+        return {}
+    if record.rewritten is None:
+        return {}
+    return {"rewritten_graph.svg": FxGraphDrawer(record.rewritten, "hbp").get_dot_graph().create_svg()}
+
+
+def write_dumps(record: "GraphRecord", options: HbpOptions) -> Path:
+    """Write every dump of ``record`` under ``options.debug_dir``; return the graph's directory.
+
+    >>> from hbp_compile import hbp_compile                                  # doctest: +SKIP
+    >>> model = hbp_compile(model, k=3, debug_dir="/tmp/hbp"); model(x)      # doctest: +SKIP
+    >>> sorted(p.name for p in Path("/tmp/hbp/graph_0").iterdir())[:2]        # doctest: +SKIP
+    ['aten_graph.py', 'chain0_group0_batched_vjp.py']
+    """
+    assert options.debug_dir is not None
+    directory = Path(options.debug_dir) / f"graph_{record.index}"
+    directory.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {"dynamo_graph.py": _readable(record.dynamo_graph),
+                             "report.txt": "\n".join(format_report([record], options)) + "\n",
+                             "report.json": json.dumps(record_json(record), indent=2) + "\n"}
+    if record.aten_code:
+        files["aten_graph.py"] = record.aten_code
+    if record.rewritten is not None:
+        files["rewritten_graph.py"] = _readable(record.rewritten)
+    files.update(_group_files(record))
+    for name, text in files.items():
+        (directory / name).write_text(text)
+        trace_artifact(f"hbp_graph{record.index}_{name}", text)
+    for name, data in _svg(record).items():
+        (directory / name).write_bytes(data)
+    log.info("graph %d: dumps written to %s", record.index, directory)
+    return directory
