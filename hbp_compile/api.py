@@ -50,6 +50,11 @@ class HighwayModule(torch.nn.Module):
         with capturing_rnns():
             return self._compiled(*args, **kwargs)
 
+    def __deepcopy__(self, memo: dict) -> "HighwayModule":
+        """A compiled copy of a deep copy of the model (the captured graphs hold fake tensors and
+        compiled code, which are rebuilt on the copy's first call rather than copied)."""
+        return HighwayModule(copy.deepcopy(self._orig_mod, memo), self.hbp_options)
+
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         return self._orig_mod.state_dict(*args, **kwargs)
 

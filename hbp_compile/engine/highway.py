@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.autograd.function import once_differentiable
 
 from ..detect.model import Chain, ResidualKind
 from .layer_graphs import layer_graph, random_nodes, split_layer_graph
@@ -232,6 +233,7 @@ class HighwayChain(torch.autograd.Function):
         return (states[-1], *(states[t] for t in program.taps), *side_outputs)
 
     @staticmethod
+    @once_differentiable  # a second derivative of the estimate would be silently wrong: refuse it
     def backward(ctx, grad_out: torch.Tensor | None, *grad_rest: torch.Tensor | None):  # type: ignore[override]
         program: ChainProgram = ctx.program
         saved = ctx.saved_tensors

@@ -75,6 +75,18 @@ def _swap_fused_attention(graph: fx.Graph) -> None:
 _VIEWS_TO_RESHAPE = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 
 
+def _mixed_precision_norm_output(node: fx.Node) -> bool:
+    """The normalized output of a layer norm whose input and weight dtypes differ."""
+    if node.target is not operator.getitem or node.args[1] != 0:
+        return False
+    norm = node.args[0]
+    if not isinstance(norm, fx.Node) or norm.target is not _aten.native_layer_norm.default:
+        return False
+    value, weight = norm.args[0].meta.get("val"), norm.args[2]
+    weight_value = weight.meta.get("val") if isinstance(weight, fx.Node) else None
+    return isinstance(value, torch.Tensor) and isinstance(weight_value, torch.Tensor) and value.dtype != weight_value.dtype
+
+
 def _copy_nodes(graph: fx.Graph, nodes, env: dict[fx.Node, fx.Node]) -> None:
     for node in nodes:
         env[node] = graph.node_copy(node, lambda n: env[n])
@@ -108,6 +120,11 @@ def split_layer_graph(layer: Layer) -> fx.GraphModule:
     for node in layer.nodes:
         if node not in draws:
             block_env[node] = graph.node_copy(node, lambda n: block_env[n])
+            if _mixed_precision_norm_output(node):
+                # vmap's layer-norm rule promotes bf16 input with fp32 weights to fp32; the model's
+                # kernel returns the input's dtype (autocast on CPU): keep it
+                block_env[node] = graph.call_function(
+                    _aten._to_copy.default, (block_env[node],), {"dtype": node.meta["val"].dtype})
         elif node.target is _aten.native_dropout.default:
             args = fx.node.map_arg(node.args, lambda n: block_env[n])
             block_env[node] = graph.call_function(_replay_dropout, (args[0], draws[node], *args[1:]))

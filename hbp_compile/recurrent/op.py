@@ -129,6 +129,11 @@ def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, state
 
 
 def _backward(ctx, grad_states):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "hbp_compile: double backward (create_graph=True) through a Highway-BP recurrence is not "
+            "supported: its backward is an estimate, and its derivative is not a second derivative of "
+            "the model. Use the original model (e.g. model._orig_mod) for higher-order gradients.")
     input, w_ih, w_hh, b_ih, b_hh, states = ctx.saved_tensors
     with flush_denormals():
         grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
