@@ -105,7 +105,7 @@ def _common_module_path(nodes: Iterable[fx.Node]) -> str:
     return ".".join(common)
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
+def descendants(node: fx.Node) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     stack = [node]
     while stack:
@@ -158,7 +158,7 @@ def _runs(segments: dict[fx.Node, Segment], notes: list[str]) -> list[list[Segme
         if start in claimed or segments[start].y in claimed:
             continue
         run: list[Segment] = []
-        produced = _descendants(start)
+        produced = descendants(start)
         x = start
         while x in segments:
             seg = segments[x]
@@ -193,7 +193,7 @@ def _transition(before: list[Segment], after: list[Segment], order: dict[fx.Node
     if any(u not in nodes and not is_sink(u) for n in nodes if n is not y for u in n.users):
         return None
     seg = Segment(x=x, y=y, nodes=tuple(sorted(nodes, key=order.__getitem__)), residual=())
-    return seg if _why_unsafe(seg, _descendants(before[0].x) - set(seg.nodes)) is None else None
+    return seg if _why_unsafe(seg, descendants(before[0].x) - set(seg.nodes)) is None else None
 
 
 def _link_runs(runs: list[list[Segment]], graph: fx.Graph) -> list[list[Segment]]:

@@ -15,6 +15,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..detect.chain import descendants
 from ..detect.ops import module_path
 from ..graph_order import stable_topological_sort
 from .op import recurrence  # noqa: F401  (registers torch.ops.hbp.recurrence)
@@ -60,17 +61,6 @@ def _next_call(call: fx.Node) -> fx.Node | None:
     return None
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
-
-
 def _cell_loop_states(mode: str, k: int, gamma: float, inputs: list, state0: tuple, w_ih, w_hh, b_ih, b_hh):
     """All states ``(T+1, m, B, H)`` of the loop (traced by make_fx into stack + one recurrence)."""
     stacked = torch.stack(list(inputs))
@@ -94,7 +84,7 @@ def swap_cell_loops(gm: fx.GraphModule, *, k: int, gamma: float, min_steps: int 
         while (nxt := _next_call(run[-1])) is not None:
             run.append(nxt)
         mode = _CELL_CALLS[first.target]
-        inside = _descendants(first)
+        inside = descendants(first)
         if len(run) < min_steps or any(call.args[0] in inside for call in run):
             continue  # too short, or inputs computed from the loop's own states (autoregressive)
         found.append(Recurrence(mode, module_path(first), 1, False, len(run), cell_loop=True))
