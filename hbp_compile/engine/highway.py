@@ -13,7 +13,6 @@ After ``L`` iterations ``w`` is the exact gradient, so ``k >= L`` costs ``L`` it
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ from torch.autograd.function import once_differentiable
 from ..detect.model import Chain, ResidualKind
 from .layer_graphs import layer_graph, random_nodes, split_layer_graph
 from .layout import Plan, StateRuns, gather, scatter_add_
-from .scans import ReverseLinearScan, flush_denormals, reverse_cumsum, reverse_linear_scan
+from .scans import ReverseLinearScan, flush_denormals, reverse_cumsum
 
 
 @dataclass(frozen=True)
@@ -279,11 +278,14 @@ def _run_scans(program: ChainProgram, batched: Sequence[_BatchedGroup]) -> list[
                 k_diag[r] = k.new_ones((last - first, *k.shape[1:]))
             k_diag[r][list(offsets)] = k[start: start + len(offsets)]
             start += len(offsets)
+    like = batched[0].y  # the scalar-K scans (γ-split of identity layers) share its dtype and device
+    # built once per backward: their products are reused by every iteration's scan
     return [
         ReverseLinearScan((1.0 - gamma) * k_diag[r]) if r in k_diag
         else reverse_cumsum if gamma == 0
-        else functools.partial(reverse_linear_scan, k=1.0 - gamma)
-        for r in range(len(runs))
+        else ReverseLinearScan(torch.full((last - first,) + (1,) * (like.dim() - 1), 1.0 - gamma,
+                                          dtype=like.dtype, device=like.device))
+        for r, (first, last) in enumerate(runs)
     ]
 
 
