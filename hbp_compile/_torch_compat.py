@@ -12,6 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
 from torch.fx.experimental.proxy_tensor import make_fx  # noqa: F401
 from torch.fx.experimental.symbolic_shapes import is_concrete_int  # noqa: F401
 from torch.fx.traceback import preserve_node_meta  # noqa: F401
+from torch._functorch.partitioners import default_partition  # noqa: F401
 
 
 
@@ -37,6 +38,7 @@ def outside_dynamo_tracing():
 
 
 __all__ = [
+    "default_partition",
     "FakeTensorMode",
     "capturing_rnns",
     "outside_dynamo_tracing",

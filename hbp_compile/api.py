@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -11,25 +9,16 @@ import torch
 
 from ._torch_compat import capturing_rnns
 from .backend import HbpBackend
+from .compile import fresh_function
 from .inspect.report import Report
 from .options import HbpOptions
 
-_fresh_ids = itertools.count()
-
 
 def _fresh_entry(module: torch.nn.Module) -> Callable[..., Any]:
-    """A function calling ``module`` whose code object is new, so that dynamo gives it its own cache.
-
-    Dynamo caches compiled frames per code object; every model of one class shares ``forward``'s code,
-    and after ``recompile_limit`` backends it silently runs eager. A fresh top-level code object per
-    compiled module keeps models apart (and their Highway-BP rewrite in place).
-    """
-
-    def hbp_entry(*args: Any, **kwargs: Any) -> Any:
-        return module(*args, **kwargs)
-
-    code = hbp_entry.__code__.replace(co_name=f"hbp_entry_{next(_fresh_ids)}")
-    return types.FunctionType(code, hbp_entry.__globals__, code.co_name, None, hbp_entry.__closure__)
+    # Dynamo caches compiled frames per code object; every model of one class shares ``forward``'s
+    # code, and after ``recompile_limit`` backends it silently runs eager. A fresh top-level code
+    # object per compiled module keeps models apart (and their Highway-BP rewrite in place).
+    return fresh_function(module, "hbp_entry")
 
 
 class HighwayModule(torch.nn.Module):
@@ -78,11 +67,14 @@ class HighwayModule(torch.nn.Module):
 
 
 def hbp_compile(model: torch.nn.Module, k: int = 3, *, gamma: float = 0.0, backend: str = "inductor",
-                min_layers: int = 2, debug_dir: str | None = None) -> HighwayModule:
+                recompute: bool = True, min_layers: int = 2, debug_dir: str | None = None) -> HighwayModule:
     """Train ``model`` with Highway backpropagation truncated at ``k`` iterations.
 
     The model is captured with torch.compile on its first call; its chains of residual layers get a
     Highway-BP backward, everything else keeps ordinary autograd. The forward is unchanged.
+    ``backend="inductor"`` (default) generates code for the layer functions, the batched VJPs, the
+    scans and the code around the chains; ``"eager"`` runs the same rewrite uncompiled. Options are
+    described in ``HbpOptions``.
 
     >>> import torch
     >>> from hbp_compile import hbp_compile
@@ -98,7 +90,8 @@ def hbp_compile(model: torch.nn.Module, k: int = 3, *, gamma: float = 0.0, backe
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"hbp_compile: model must be a torch.nn.Module, got {type(model).__name__}")
-    options = HbpOptions(k=k, gamma=gamma, backend=backend, min_layers=min_layers, debug_dir=debug_dir)
+    options = HbpOptions(k=k, gamma=gamma, backend=backend, recompute=recompute, min_layers=min_layers,
+                         debug_dir=debug_dir)
     return HighwayModule(model, options)
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from .capture import to_aten_graph
+from .compile import compile_rewritten
 from .detect import Detection, find_residual_chains
 from .inspect.dumps import write_dumps
 from .options import HbpOptions
@@ -76,7 +77,8 @@ class HbpBackend:
         self.records: list[GraphRecord] = []
 
     def __repr__(self) -> str:
-        return f"HbpBackend(k={self.options.k}, gamma={self.options.gamma}, backend={self.options.backend!r})"
+        o = self.options
+        return f"HbpBackend(k={o.k}, gamma={o.gamma}, backend={o.backend!r}, recompute={o.recompute})"
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], **_: object) -> Callable:
         record = GraphRecord(index=len(self.records), dynamo_graph=gm)
@@ -105,7 +107,8 @@ class HbpBackend:
         if self.options.debug_dir:
             record.aten_code = record.aten_graph.print_readable(print_output=False)
         try:
-            record.recurrences += rewrite_scans(record.aten_graph, k=self.options.k, gamma=self.options.gamma)
+            record.recurrences += rewrite_scans(record.aten_graph, k=self.options.k, gamma=self.options.gamma,
+                                                backend=self.options.backend)
         except Exception as exc:  # noqa: BLE001
             return self._fallback(record, Fallback.REWRITE_FAILED, f"{type(exc).__name__}: {exc}", exc)
         record.detection = find_residual_chains(record.aten_graph.graph, min_layers=self.options.min_layers)
@@ -118,7 +121,8 @@ class HbpBackend:
         check_forward = needs_forward_check(record.aten_graph.graph)
         try:
             record.rewritten = rewrite_chains(
-                record.aten_graph, record.detection.chains, k=self.options.k, gamma=self.options.gamma
+                record.aten_graph, record.detection.chains, k=self.options.k, gamma=self.options.gamma,
+                backend=self.options.backend, recompute=self.options.recompute,
             ) if record.detection.chains else record.aten_graph
         except Exception as exc:  # noqa: BLE001
             return self._fallback(record, Fallback.REWRITE_FAILED, f"{type(exc).__name__}: {exc}", exc)
@@ -126,8 +130,9 @@ class HbpBackend:
             mismatch = forward_mismatch(gm.forward, record.rewritten.forward, example_inputs)
             if mismatch:
                 return self._fallback(record, Fallback.FORWARD_MISMATCH, mismatch)
-        log.info("graph %d: %d residual layer(s) rewritten", record.index, record.num_layers)
-        return record.rewritten.forward
+        log.info("graph %d: %d residual layer(s) rewritten, backend %s", record.index, record.num_layers,
+                 self.options.backend)
+        return compile_rewritten(record.rewritten, self.options.backend)
 
     def _fallback(self, record: GraphRecord, why: Fallback, detail: str = "",
                   exc: BaseException | None = None, *, warn: bool = True) -> Callable:

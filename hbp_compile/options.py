@@ -17,6 +17,9 @@ class HbpOptions:
       the output gradient carried along the residual path only.
     * ``gamma``: γ-split in [0, 1] (HIGHWAY_BP.md §1); 1 is fixed-point iteration.
     * ``backend``: ``"inductor"`` (code generation) or ``"eager"`` (the same rewrite, uncompiled).
+    * ``recompute``: ``True`` keeps only the states between forward and backward and recomputes the
+      block intermediates in one batched forward per group in the backward (memory like activation
+      checkpointing); ``False`` keeps them from the forward (memory like backprop, no extra forward).
     * ``min_layers``: shortest chain worth rewriting.
     * ``debug_dir``: where dumps go (default: ``$HBP_DEBUG_DIR``).
 
@@ -27,6 +30,7 @@ class HbpOptions:
     k: int = 3
     gamma: float = 0.0
     backend: str = "inductor"
+    recompute: bool = True
     min_layers: int = 2
     debug_dir: str | None = None
 
@@ -41,6 +45,8 @@ class HbpOptions:
             raise ValueError(f"hbp_compile: gamma must be in [0, 1], got {self.gamma}")
         if self.backend not in BACKENDS:
             raise ValueError(f"hbp_compile: backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.recompute, bool):
+            raise TypeError(f"hbp_compile: recompute must be True or False, got {self.recompute!r}")
         if isinstance(self.min_layers, bool) or not isinstance(self.min_layers, int) or self.min_layers < 1:
             raise ValueError(f"hbp_compile: min_layers must be an int >= 1, got {self.min_layers!r}")
         object.__setattr__(self, "k", int(self.k))

@@ -60,8 +60,12 @@ def chain_side_inputs(chain: Chain) -> tuple[fx.Node, ...]:
     return tuple(dict.fromkeys(e for layer in chain.layers for e in layer.externals))
 
 
-def rewrite_chains(gm: fx.GraphModule, chains: Sequence[Chain], *, k: int, gamma: float) -> fx.GraphModule:
-    """Replace every chain in ``gm`` (in place) with a ``ChainModule`` call and return ``gm``."""
+def rewrite_chains(gm: fx.GraphModule, chains: Sequence[Chain], *, k: int, gamma: float,
+                   backend: str = "eager", recompute: bool = True) -> fx.GraphModule:
+    """Replace every chain in ``gm`` (in place) with a ``ChainModule`` call and return ``gm``.
+
+    ``backend="inductor"`` makes each chain compile its group functions and scans on first use.
+    """
     graph = gm.graph
     present = set(graph.nodes)
     for ci, chain in enumerate(chains):
@@ -69,7 +73,7 @@ def rewrite_chains(gm: fx.GraphModule, chains: Sequence[Chain], *, k: int, gamma
         if not inside <= present:
             raise RewriteError(f"chain {ci} refers to nodes that are not in the graph")
         sides = chain_side_inputs(chain)
-        program = build_program(chain, sides, k=k, gamma=gamma)
+        program = build_program(chain, sides, k=k, gamma=gamma, backend=backend, recompute=recompute)
         _check_backward_traces(program, chain, sides)
         name = f"hbp_chain_{ci}"
         gm.add_submodule(name, ChainModule(program))

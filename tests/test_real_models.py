@@ -69,6 +69,35 @@ def test_gpt2_with_dropout_and_kv_cache():
     assert max_relative_error(_grads(model), want) < 1e-8
 
 
+def test_gpt2_kv_cache_keeping_intermediates():
+    """recompute=False on GPT-2 without dropout: the keys/values leave every layer as side outputs,
+    and their gradients come from the backward graph of the forward's kept values."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double().train()
+    ids = torch.randint(0, 50, (2, 7))
+
+    def loss(m):
+        out = m(ids)
+        return out.logits.pow(2).mean() + sum(k.sum() + v.pow(2).sum() for k, v in _key_values(out.past_key_values))
+
+    loss(model).backward()
+    want = _grads(model)
+    model.zero_grad()
+    for recompute in (True, False):
+        model.zero_grad()
+        loss(hbp_compile(model, k=4, backend="eager", recompute=recompute)).backward()
+        assert max_relative_error(_grads(model), want) < 1e-8, recompute
+
+
+def _key_values(cache):
+    if hasattr(cache, "layers"):  # transformers >= 4.56: DynamicCache with per-layer objects
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [tuple(kv) for kv in cache]
+
+
 def test_bert_post_ln_with_dropout():
     """transformers' BertModel, unmodified: post-LN sublayers, default dropout, a pooler epilogue."""
     transformers = pytest.importorskip("transformers")
@@ -131,14 +160,15 @@ def small_resnet():
     ).double()
 
 
-def test_resnet_with_batchnorm_and_downsampling():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_resnet_with_batchnorm_and_downsampling(recompute):
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     report = explain(small_resnet(), x)
     (chain,) = report.chains  # the downsampling block joins the chain as a K = 0 layer
     assert [layer.kind.value for layer in chain.layers] == ["diagonal"] * 3 + ["zero"] + ["diagonal"] * 2
     reference, model = small_resnet(), small_resnet()
     reference(x).pow(2).mean().backward()
-    compiled = hbp_compile(model, k=6, backend="eager")
+    compiled = hbp_compile(model, k=6, backend="eager", recompute=recompute)
     out = compiled(x).pow(2).mean()
     out.backward()
     assert max_relative_error(_grads(model), _grads(reference)) < 1e-8

@@ -14,16 +14,19 @@ After ``L`` iterations ``w`` is the exact gradient, so ``k >= L`` costs ``L`` it
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.fx as fx
 from torch.autograd.function import once_differentiable
 
+from ..compile import compile_function
 from ..detect.model import Chain, ResidualKind
-from .layer_graphs import layer_graph, random_nodes, split_layer_graph
+from .layer_graphs import differentiable_side_outputs, layer_graph, random_nodes, split_layer_graph
 from .layout import Plan, StateRuns, gather, scatter_add_
-from .scans import ReverseLinearScan, flush_denormals, reverse_cumsum
+from .saved import SavedGroup, SavedLayer, partition_split_layer
+from .scans import ReverseLinearScan, apply_reverse_products, flush_denormals, reverse_cumsum
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,39 @@ class GroupProgram:
     side_differentiable: tuple[bool, ...]
     inputs: Plan  # where the group's input states (p) live among the per-run cotangents
     outputs: Plan  # where its output states (p + 1) live
+    backend: str = "eager"  # "inductor": the two functions below are compiled, once per group
+    recompute: bool = True  # False: the forward keeps the block intermediates (engine/saved.py)
+    _partitions: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def keeps_intermediates(self) -> bool:
+        return not self.recompute and self.num_draws == 0
+
+    def partition(self, x: torch.Tensor, externals: Sequence[torch.Tensor]) -> SavedLayer:
+        """The split layer partitioned by aot_autograd (traced on the first layer's values), per
+        pattern of which externals require grad."""
+        need = (True, True, *(e.requires_grad for e in externals))
+        if need not in self._partitions:
+            self._partitions[need] = partition_split_layer(self.split_fn, [x, x, *externals], need,
+                                                           self.side_differentiable, self.backend)
+        return self._partitions[need]
+
+    @cached_property
+    def run_layer(self) -> Callable[..., object]:
+        """The layer function the forward calls once per layer of the group."""
+        return compile_function(self.layer_fn, self.backend, "hbp_layer")
+
+    def batched_split(self) -> Callable[..., object]:
+        """``(xs_r, xs_g, *externals, *draws) -> ys``: the split layer vmapped over the group's layers."""
+        dims: list[int | None] = [None] * (len(self.stacked) + len(self.broadcast))
+        for p, _ in self.stacked:
+            dims[p] = 0
+        return torch.func.vmap(self.split_fn, in_dims=(0, 0, *dims, *[0] * self.num_draws))
+
+    @cached_property
+    def run_batched(self) -> Callable[..., object]:
+        """``batched_split`` compiled: its aot_autograd backward graph is the group's batched VJP."""
+        return compile_function(self.batched_split(), self.backend, "hbp_batched_split")
 
     def unpack(self, out: object) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """A layer graph's result as (y, side outputs, draws)."""
@@ -64,6 +100,13 @@ class ChainProgram:
     k: int
     gamma: float
     state_runs: StateRuns
+    backend: str = "eager"
+
+    @cached_property
+    def scan_kernels(self) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+        """(reverse cumsum, the levels of a reverse linear scan), compiled once per chain."""
+        return (compile_function(reverse_cumsum, self.backend, "hbp_reverse_cumsum"),
+                compile_function(apply_reverse_products, self.backend, "hbp_reverse_scan"))
 
     @property
     def identity_residual(self) -> bool:
@@ -87,7 +130,8 @@ class ChainProgram:
         return out
 
 
-def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma: float) -> ChainProgram:
+def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma: float,
+                  backend: str = "eager", recompute: bool = True) -> ChainProgram:
     """Index every layer's externals into ``side_nodes`` (the chain's flat side-input list)."""
     where = {node: i for i, node in enumerate(side_nodes)}
     state_runs = StateRuns.from_kinds(chain.kinds)
@@ -98,20 +142,21 @@ def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma:
             (p, tuple(where[chain.layers[m].externals[p]] for m in group.layers)) for p in group.stacked
         )
         broadcast = tuple((p, where[template.externals[p]]) for p in group.broadcast)
+        layer_fn = layer_graph(template)
         groups.append(
             GroupProgram(
                 layers=group.layers,
-                layer_fn=layer_graph(template),
+                layer_fn=layer_fn,
                 split_fn=split_layer_graph(template),
                 kind=group.kind,
                 stacked=stacked,
                 broadcast=broadcast,
                 num_draws=len(random_nodes(template)),
-                side_differentiable=tuple(
-                    bool(getattr(n.meta.get("val"), "requires_grad", False)) for n in template.side_outputs
-                ),
+                side_differentiable=differentiable_side_outputs(template, layer_fn),
                 inputs=state_runs.plan(group.layers),
                 outputs=state_runs.plan([p + 1 for p in group.layers]),
+                backend=backend,
+                recompute=recompute,
             )
         )
     return ChainProgram(
@@ -123,15 +168,25 @@ def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma:
         k=k,
         gamma=gamma,
         state_runs=state_runs,
+        backend=backend,
     )
 
 
 class _BatchedGroup:
-    """One group's vmapped split-layer forward, recorded once and reused by every VJP of a backward."""
+    """One group's vmapped split-layer forward, recorded once and reused by every VJP of a backward.
+
+    Compiled, the forward runs twice: once with only the states requiring grad, for the k+1 block
+    VJPs (a compiled backward computes the gradient of every input that requires one, so weights
+    there would cost a weight gradient per iteration), and once with the weights, for their gradient.
+    Eager autograd computes only what is asked for, so one forward serves both.
+    """
 
     def __init__(self, prog: GroupProgram, states: Sequence[torch.Tensor], sides: Sequence[torch.Tensor],
-                 sides_need_grad: Sequence[bool], draws: Sequence[Sequence[torch.Tensor]]):
+                 sides_need_grad: Sequence[bool], draws: Sequence[Sequence[torch.Tensor]], *,
+                 compiled: bool = True):
         self.prog = prog
+        self.forward = prog.run_batched if compiled else prog.batched_split()
+        self.separate_weights = compiled and prog.backend != "eager"
         xs = torch.stack([states[p] for p in prog.layers])
         self.x_r = xs.detach().requires_grad_(prog.kind not in (ResidualKind.IDENTITY, ResidualKind.ZERO))
         self.x_g = xs.detach().requires_grad_()
@@ -149,11 +204,15 @@ class _BatchedGroup:
             args[p] = sides[i].detach().requires_grad_(sides_need_grad[i])
             if sides_need_grad[i]:
                 self.grad_leaves.append((args[p], i))
-        replay = [torch.stack([draws[p][j] for p in prog.layers]) for j in range(prog.num_draws)]
-        fn = torch.func.vmap(prog.split_fn, in_dims=(0, 0, *dims, *[0] * len(replay)))
-        out = fn(self.x_r, self.x_g, *args, *replay)
-        self.y, self.side = (out[0], tuple(out[1:])) if prog.side_differentiable else (out, ())
-        self.side_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.args = args
+        self.replay = [torch.stack([draws[p][j] for p in prog.layers]) for j in range(prog.num_draws)]
+        frozen = [a.detach() for a in args] if self.separate_weights else args
+        self.y, self.side = self._split(self.forward(self.x_r, self.x_g, *frozen, *self.replay))
+        self.like = self.y
+        self.side_pairs: list[tuple[int, torch.Tensor]] = []  # (side output, its cotangent)
+
+    def _split(self, out: object) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        return (out[0], tuple(out[1:])) if self.prog.side_differentiable else (out, ())  # type: ignore[index]
 
     def side_output_cotangents(self, grads: Sequence[torch.Tensor | None], offsets: Sequence[int]) -> torch.Tensor | None:
         """Take the cotangents of the group's side outputs; return their gradient on the input states.
@@ -169,11 +228,11 @@ class _BatchedGroup:
             for i, g in given:
                 if g is not None:
                     cot[i] = g
-            self.side_pairs.append((value, cot))
+            self.side_pairs.append((j, cot))
         if not self.side_pairs:
             return None
-        (dx,) = torch.autograd.grad([v for v, _ in self.side_pairs], self.x_g, [c for _, c in self.side_pairs],
-                                    retain_graph=True, allow_unused=True)
+        (dx,) = torch.autograd.grad([self.side[j] for j, _ in self.side_pairs], self.x_g,
+                                    [c for _, c in self.side_pairs], retain_graph=True, allow_unused=True)
         return dx
 
     def residual_jacobian(self) -> torch.Tensor:
@@ -192,7 +251,10 @@ class _BatchedGroup:
     def side_grads(self, cotangent: torch.Tensor) -> list[tuple[torch.Tensor, int | tuple[int, ...]]]:
         if not self.grad_leaves:
             return []
-        outputs = [self.y] + [v for v, _ in self.side_pairs]
+        y, side = self.y, self.side
+        if self.separate_weights:
+            y, side = self._split(self.forward(self.x_r.detach(), self.x_g.detach(), *self.args, *self.replay))
+        outputs = [y] + [side[j] for j, _ in self.side_pairs]
         cotangents = [cotangent] + [c for _, c in self.side_pairs]
         grads = torch.autograd.grad(outputs, [leaf for leaf, _ in self.grad_leaves], cotangents, allow_unused=True)
         return [(g, where) for g, (_, where) in zip(grads, self.grad_leaves) if g is not None]
@@ -203,7 +265,7 @@ def dry_run_backward(program: ChainProgram, states: Sequence[torch.Tensor], side
     """Build every group's batched graph and take one VJP of each kind (for fake tensors at compile time)."""
     with torch.enable_grad():
         for prog in program.groups:
-            b = _BatchedGroup(prog, states, sides, sides_need_grad, draws)
+            b = _BatchedGroup(prog, states, sides, sides_need_grad, draws, compiled=False)
             b.residual_jacobian()
             b.block_vjp(torch.ones_like(b.y))
             b.side_grads(torch.ones_like(b.y))
@@ -218,16 +280,30 @@ class HighwayChain(torch.autograd.Function):
         draws: list[torch.Tensor] = []  # what each layer's random ops drew, in layer order
         side_outputs: list[torch.Tensor] = []
         frozen: list[torch.Tensor] = []
+        kept: list[tuple[torch.Tensor, ...]] = []  # per layer of a group that keeps its intermediates
+        partitions: dict[int, SavedLayer] = {}
         for group, side_idx in zip(program.layer_group, program.layer_sides):
             prog = program.groups[group]
-            y, side, drawn = prog.unpack(prog.layer_fn(states[-1], *(sides[i] for i in side_idx)))
+            externals = [sides[i] for i in side_idx]
+            if prog.keeps_intermediates:
+                with torch.enable_grad():  # requires_grad of the externals decides what is saved
+                    part = partitions[group] = prog.partition(states[-1], externals)
+                out = part.run_forward()(states[-1], states[-1], *externals)
+                kept.append(tuple(out[part.num_outputs:]))
+                out = out[0] if part.num_outputs == 1 else tuple(out[: part.num_outputs])
+            else:
+                out = prog.run_layer(states[-1], *externals)
+            y, side, drawn = prog.unpack(out)
             states.append(y)
             draws.extend(drawn)
             side_outputs.extend(side)
             frozen.extend(v for v, d in zip(side, prog.side_differentiable) if not d)
         ctx.program = program
         ctx.num_sides = len(sides)
-        ctx.save_for_backward(*states, *sides, *draws)
+        ctx.num_draws = len(draws)
+        ctx.kept_counts = [len(values) for values in kept]
+        ctx.partitions = partitions
+        ctx.save_for_backward(*states, *sides, *draws, *(v for values in kept for v in values))
         ctx.mark_non_differentiable(*frozen)
         return (states[-1], *(states[t] for t in program.taps), *side_outputs)
 
@@ -238,7 +314,9 @@ class HighwayChain(torch.autograd.Function):
         saved = ctx.saved_tensors
         n = program.num_layers
         states, sides = saved[: n + 1], saved[n + 1: n + 1 + ctx.num_sides]
-        draws = program.split_draws(saved[n + 1 + ctx.num_sides:])
+        first_kept = n + 1 + ctx.num_sides + ctx.num_draws
+        draws = program.split_draws(saved[n + 1 + ctx.num_sides: first_kept])
+        kept = _split_counts(saved[first_kept:], ctx.kept_counts)
         sides_need_grad = ctx.needs_input_grad[2:]
         runs = program.state_runs
         a = runs.zeros(states)
@@ -248,7 +326,8 @@ class HighwayChain(torch.autograd.Function):
                 a[r][offset] += g
         grad_side_outputs = grad_rest[len(program.taps):]
         with torch.enable_grad(), flush_denormals():
-            batched = [_BatchedGroup(g, states, sides, sides_need_grad, draws) for g in program.groups]
+            batched = [_group_backward(program, gi, states, sides, sides_need_grad, draws, kept, ctx.partitions)
+                       for gi in range(len(program.groups))]
             offsets = program.side_offsets()
             for b in batched:
                 dx = b.side_output_cotangents(grad_side_outputs, offsets)
@@ -261,6 +340,30 @@ class HighwayChain(torch.autograd.Function):
                     for i, gi in (zip(where, g.unbind(0)) if isinstance(where, tuple) else [(where, g)]):
                         grads[i] = gi if grads[i] is None else grads[i] + gi
         return (None, w[0][0] if ctx.needs_input_grad[1] else None, *grads)
+
+
+def _split_counts(flat: Sequence[torch.Tensor], counts: Sequence[int]) -> list[tuple[torch.Tensor, ...]]:
+    out, start = [], 0
+    for count in counts:
+        out.append(tuple(flat[start: start + count]))
+        start += count
+    return out
+
+
+def _group_backward(program: ChainProgram, group: int, states: Sequence[torch.Tensor],
+                    sides: Sequence[torch.Tensor], sides_need_grad: Sequence[bool],
+                    draws: Sequence[Sequence[torch.Tensor]], kept: Sequence[tuple[torch.Tensor, ...]],
+                    partitions: dict[int, SavedLayer]):
+    """The group's batched backward: from the forward's kept values, or by recomputing them."""
+    prog = program.groups[group]
+    if group not in partitions:
+        return _BatchedGroup(prog, states, sides, sides_need_grad, draws)
+    # kept values are listed per layer of the groups that keep them, in layer order
+    keeping = [p for p, g in enumerate(program.layer_group) if program.groups[g].keeps_intermediates]
+    per_layer = [kept[keeping.index(p)] for p in prog.layers]
+    first = prog.layers[0]
+    like = states[first].new_empty((len(prog.layers), *states[first].shape))
+    return SavedGroup(prog, partitions[group], per_layer, sides_need_grad, like)
 
 
 def _run_scans(program: ChainProgram, batched: Sequence[_BatchedGroup]) -> list[Callable]:
@@ -278,13 +381,14 @@ def _run_scans(program: ChainProgram, batched: Sequence[_BatchedGroup]) -> list[
                 k_diag[r] = k.new_ones((last - first, *k.shape[1:]))
             k_diag[r][list(offsets)] = k[start: start + len(offsets)]
             start += len(offsets)
-    like = batched[0].y  # the scalar-K scans (γ-split of identity layers) share its dtype and device
+    like = batched[0].like  # the scalar-K scans (γ-split of identity layers) share its dtype and device
+    cumsum, levels = program.scan_kernels
     # built once per backward: their products are reused by every iteration's scan
     return [
-        ReverseLinearScan((1.0 - gamma) * k_diag[r]) if r in k_diag
-        else reverse_cumsum if gamma == 0
+        ReverseLinearScan((1.0 - gamma) * k_diag[r], levels) if r in k_diag
+        else cumsum if gamma == 0
         else ReverseLinearScan(torch.full((last - first,) + (1,) * (like.dim() - 1), 1.0 - gamma,
-                                          dtype=like.dtype, device=like.device))
+                                          dtype=like.dtype, device=like.device), levels)
         for r, (first, last) in enumerate(runs)
     ]
 
@@ -318,6 +422,7 @@ class ChainModule(torch.nn.Module):
             self.add_module(f"group{i}_layer", g.layer_fn)
             self.add_module(f"group{i}_split", g.split_fn)
 
+    @torch.compiler.disable  # a graph break: Inductor compiles the code around the chain, not through it
     def forward(self, h0: torch.Tensor, *sides: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return HighwayChain.apply(self.program, h0, *sides)
 

@@ -13,6 +13,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from .._torch_compat import FakeTensorMode, outside_dynamo_tracing
 from ..detect.model import Layer
 from ..detect.ops import is_random
 
@@ -107,6 +108,30 @@ def layer_graph(layer: Layer) -> fx.GraphModule:
     extra = [env[n] for n in layer.side_outputs] + draws
     graph.output((env[layer.y], *extra) if extra else env[layer.y])
     return fx.GraphModule(torch.nn.Module(), graph, class_name="HbpLayer")
+
+
+def differentiable_side_outputs(layer: Layer, layer_fn: fx.GraphModule) -> tuple[bool, ...]:
+    """Per side output of the layer: can autograd carry a gradient back through it?
+
+    Asked of autograd itself, on fake tensors with every floating input requiring grad: a returned
+    key/value cache can, a BatchNorm's updated running statistics cannot. (The captured graph's
+    metadata cannot tell: its values were traced without the parameters requiring grad.)
+    """
+    if not layer.side_outputs:
+        return ()
+    mode = FakeTensorMode()
+
+    def fake(value: object) -> object:
+        if not isinstance(value, torch.Tensor):
+            return value
+        with mode:
+            t = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+        return t.requires_grad_(t.is_floating_point())
+
+    inputs = [fake(layer.x.meta.get("val"))] + [fake(e.meta.get("val")) for e in layer.externals]
+    with mode, torch.enable_grad(), outside_dynamo_tracing():
+        out = layer_fn(*inputs)
+    return tuple(bool(getattr(v, "requires_grad", False)) for v in out[1: 1 + len(layer.side_outputs)])
 
 
 def split_layer_graph(layer: Layer) -> fx.GraphModule:

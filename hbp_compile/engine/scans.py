@@ -7,7 +7,7 @@ recurrence that Hillis–Steele scans in ⌈log2(L+1)⌉ steps of O(L) work with
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -48,7 +48,7 @@ class ReverseLinearScan:
     tensor([9., 4., 1.])
     """
 
-    def __init__(self, k: torch.Tensor):
+    def __init__(self, k: torch.Tensor, kernel: Callable[..., torch.Tensor] | None = None):
         # products[level][i] = Π k over [i, i + 2^level) (zero past the end): what w[i + 2^level] is
         # multiplied by when it is added to w[i] at that level. Long products of gates in (0, 1)
         # underflow into subnormal numbers, which are slow on CPUs: see ``flush_denormals``.
@@ -62,13 +62,20 @@ class ReverseLinearScan:
             step[:-offset] *= previous[offset:]
             offset *= 2
 
+        self.kernel = kernel or apply_reverse_products
+
     def __call__(self, c: torch.Tensor) -> torch.Tensor:
-        w = c.clone()
-        offset = 1
-        for product in self.products:
-            w[:-offset] += product * w[offset:]
-            offset *= 2
-        return w
+        return self.kernel(c, *self.products)
+
+
+def apply_reverse_products(c: torch.Tensor, *products: torch.Tensor) -> torch.Tensor:
+    """The levels of a reverse Hillis–Steele scan, given its products (what Inductor compiles)."""
+    w = c.clone()
+    offset = 1
+    for product in products:
+        w[:-offset] += product * w[offset:]
+        offset *= 2
+    return w
 
 
 @contextlib.contextmanager

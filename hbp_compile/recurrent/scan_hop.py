@@ -104,7 +104,7 @@ def _readout_loop(readout: fx.GraphModule, states: torch.Tensor, num_xs: int, *i
 
 
 def _program(layer: Layer, steps: int, num_xs: int, num_additional: int, k: int, gamma: float,
-             tapped: bool) -> ChainProgram:
+             tapped: bool, backend: str) -> ChainProgram:
     """``tapped``: the scan returns every carry (``y_t`` is the carry itself)."""
     # flat side inputs: x_t of every step for each xs tensor (xs j of step t at j*T + t), then additional
     kinds = [layer.kind] * steps
@@ -115,15 +115,16 @@ def _program(layer: Layer, steps: int, num_xs: int, num_additional: int, k: int,
         layers=tuple(range(steps)), layer_fn=layer_graph(layer), split_fn=split_layer_graph(layer),
         kind=layer.kind, stacked=stacked, broadcast=broadcast, num_draws=0,
         side_differentiable=tuple(True for _ in layer.side_outputs),
-        inputs=runs.plan(range(steps)), outputs=runs.plan(range(1, steps + 1)),
+        inputs=runs.plan(range(steps)), outputs=runs.plan(range(1, steps + 1)), backend=backend,
     )
     sides = tuple(tuple(j * steps + t for j in range(num_xs)) + tuple(num_xs * steps + j for j in range(num_additional))
                   for t in range(steps))
     return ChainProgram(num_layers=steps, layer_group=(0,) * steps, layer_sides=sides, groups=(group,),
-                        taps=tuple(range(1, steps)) if tapped else (), k=k, gamma=gamma, state_runs=runs)
+                        taps=tuple(range(1, steps)) if tapped else (), k=k, gamma=gamma, state_runs=runs,
+                        backend=backend)
 
 
-def rewrite_scans(gm: fx.GraphModule, *, k: int, gamma: float) -> tuple[Recurrence, ...]:
+def rewrite_scans(gm: fx.GraphModule, *, k: int, gamma: float, backend: str = "eager") -> tuple[Recurrence, ...]:
     """Replace every one-carry ``scan`` node of the aten graph ``gm`` in place; report each one."""
     found = []
     for index, node in enumerate([n for n in gm.graph.nodes if n.target is _SCAN]):
@@ -140,7 +141,7 @@ def rewrite_scans(gm: fx.GraphModule, *, k: int, gamma: float) -> tuple[Recurren
             continue
         layer, plans = step
         program = _program(layer, steps, len(xs), len(additional), k, gamma,
-                           any(not isinstance(p, fx.Node) for p in plans))
+                           any(not isinstance(p, fx.Node) for p in plans), backend)
         name = f"hbp_scan_{index}"
         gm.add_submodule(name, ChainModule(program))
         graph = gm.graph

@@ -1,0 +1,152 @@
+"""``recompute=False``: keep the block intermediates of the forward instead of recomputing them.
+
+By default (``recompute=True``) the chain's forward keeps only the states, and the backward reruns
+each group's split layer once, batched over its layers, to get the values its VJPs need: memory of
+the states only, like activation checkpointing, for one extra batched forward per backward.
+
+With ``recompute=False`` aot_autograd partitions the split layer ``(x_r, x_g, *externals) -> y``
+into a forward that also returns what its backward reads, and that backward graph. The chain's
+forward runs the first once per layer and keeps its saved values (memory like backprop's); the
+backward vmaps the second over the group's stacked saved values, and runs no forward at all.
+Groups with random ops (dropout) keep recomputing: their forward must draw as the model does, and
+the split layer replays draws instead of making them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .._torch_compat import FakeTensorMode, default_partition, make_fx, outside_dynamo_tracing
+from ..compile import compile_function
+from ..detect.model import ResidualKind
+
+
+@dataclass(frozen=True)
+class SavedLayer:
+    """One group's split layer, partitioned: ``forward`` returns ``(*outputs, *saved)``, and
+    ``backward(*saved, *tangents)`` returns the gradients of ``(x_r, x_g, *externals)``."""
+
+    forward: fx.GraphModule
+    backward: fx.GraphModule
+    num_outputs: int
+    tangents: tuple[tuple[torch.Size, torch.dtype], ...]  # per layer: y's, then each side output's
+    backend: str
+    _variants: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def run_forward(self) -> Callable[..., tuple[torch.Tensor, ...]]:
+        if "forward" not in self._variants:
+            self._variants["forward"] = compile_function(self.forward, self.backend, "hbp_saving_layer")
+        return self._variants["forward"]
+
+    def batched_backward(self, wanted: tuple[int, ...], broadcast: tuple[int, ...]) -> Callable[..., tuple]:
+        """``backward`` vmapped over layers, returning only the gradients of inputs ``wanted`` (0 = x_r,
+        1 = x_g, 2 + p = external p): the others are not computed. Externals in ``broadcast`` are one
+        tensor for the whole group, so their per-layer gradients are summed."""
+        key = (wanted, broadcast)
+        if key not in self._variants:
+            graph = fx.Graph()
+            out = graph.graph_copy(self.backward.graph, {})
+            present = [i for i in wanted if out[i] is not None]  # None: the output does not depend on it
+            graph.output(tuple(out[i] for i in present))
+            graph.eliminate_dead_code()
+            batched = torch.func.vmap(fx.GraphModule(self.backward, graph))
+
+            def run(*args: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+                grads = dict(zip(present, batched(*args))) if present else {}
+                return tuple(None if i not in grads else grads[i].sum(0) if i - 2 in broadcast else grads[i]
+                             for i in wanted)
+
+            self._variants[key] = compile_function(run, self.backend, "hbp_batched_vjp")
+        return self._variants[key]
+
+
+def partition_split_layer(split_fn: fx.GraphModule, example: Sequence[torch.Tensor], need_grad: Sequence[bool],
+                          side_differentiable: Sequence[bool], backend: str) -> SavedLayer:
+    """Trace ``split_fn``'s joint forward-backward on fake tensors shaped like one layer's inputs
+    (``x_r``, ``x_g`` first) and split it with aot_autograd's default partitioner. Cotangents flow
+    into ``y`` and the side outputs marked differentiable (the chain gives no others)."""
+    mode = FakeTensorMode()
+    with mode:
+        primals = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).requires_grad_(bool(g))
+                   for t, g in zip(example, need_grad)]
+        outputs = split_fn(*primals)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    differentiable = [0] + [1 + j for j, d in enumerate(side_differentiable) if d and outputs[1 + j].requires_grad]
+    with mode:
+        tangent_values = [torch.empty_like(outputs[i]) for i in differentiable]
+
+    def joint(primals: list[torch.Tensor], tangents: list[torch.Tensor]) -> tuple:
+        # aot_autograd's convention: placeholders named primals_* and tangents_*, outputs then grads
+        leaves = [p.detach().requires_grad_(p.requires_grad) for p in primals]
+        with torch.enable_grad():
+            out = split_fn(*leaves)
+            out = out if isinstance(out, tuple) else (out,)
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            grads = iter(torch.autograd.grad([out[i] for i in differentiable], wanted, tangents, allow_unused=True))
+        return (*out, *(next(grads) if leaf.requires_grad else None for leaf in leaves))
+
+    with outside_dynamo_tracing():
+        joint_gm = make_fx(joint, tracing_mode="fake")(primals, tangent_values)
+    forward, backward = default_partition(joint_gm, None, num_fwd_outputs=len(outputs))
+    tangents = tuple((outputs[i].shape, outputs[i].dtype) for i in differentiable)
+    return SavedLayer(forward, backward, len(outputs), tangents, backend)
+
+
+class SavedGroup:
+    """A group's backward from the values its layers' forward kept: the interface of the recomputing
+    ``_BatchedGroup`` (residual Jacobian, block VJP, side-output and weight gradients)."""
+
+    def __init__(self, prog, saved: SavedLayer, per_layer: Sequence[Sequence[torch.Tensor]],
+                 sides_need_grad: Sequence[bool], like: torch.Tensor):
+        self.prog, self.saved = prog, saved
+        self.values = [torch.stack([v.detach() for v in column]) for column in zip(*per_layer)]
+        self.like = like  # a stacked state: shape, dtype and device of the group's cotangents
+        self.leaves: list[tuple[int, int | tuple[int, ...]]] = [
+            (p, idx) for p, idx in prog.stacked if any(sides_need_grad[i] for i in idx)
+        ] + [(p, i) for p, i in prog.broadcast if sides_need_grad[i]]
+        self.broadcast = tuple(p for p, _ in prog.broadcast)
+        self.side_cotangents: list[torch.Tensor] = []
+
+    def _grads(self, wanted: tuple[int, ...], cotangent: torch.Tensor, *, sides: bool = False) -> tuple:
+        """Gradients of inputs ``wanted`` for ``cotangent`` on y, and on the side outputs either their
+        cotangents (``sides``) or zeros: within the iterations they entered ``a`` once already."""
+        n = len(self.prog.layers)
+        side = self.side_cotangents if sides else [
+            self.like.new_zeros((n, *shape), dtype=dtype) for shape, dtype in self.saved.tangents[1:]]
+        return self.saved.batched_backward(wanted, self.broadcast)(*self.values, cotangent, *side)
+
+    def side_output_cotangents(self, grads: Sequence[torch.Tensor | None], offsets: Sequence[int]) -> torch.Tensor | None:
+        """Take the cotangents of the group's differentiable side outputs (zeros where the loss does not
+        read one); return their gradient on the input states (``_BatchedGroup``'s contract)."""
+        n = len(self.prog.layers)
+        given = False
+        differentiable = [j for j, d in enumerate(self.prog.side_differentiable) if d]
+        for j, (shape, dtype) in zip(differentiable, self.saved.tangents[1:]):
+            cot = self.like.new_zeros((n, *shape), dtype=dtype)
+            for i, p in enumerate(self.prog.layers):
+                g = grads[offsets[p] + j]
+                if g is not None:
+                    cot[i], given = g, True
+            self.side_cotangents.append(cot)
+        if not given:
+            return None
+        return self._grads((1,), torch.zeros_like(self.like), sides=True)[0]
+
+    def residual_jacobian(self) -> torch.Tensor:
+        if self.prog.kind is ResidualKind.IDENTITY:
+            return torch.ones_like(self.like)
+        (k,) = self._grads((0,), torch.ones_like(self.like))
+        return torch.zeros_like(self.like) if k is None else k
+
+    def block_vjp(self, cotangent: torch.Tensor) -> torch.Tensor:
+        (v,) = self._grads((1,), cotangent)
+        return torch.zeros_like(self.like) if v is None else v
+
+    def side_grads(self, cotangent: torch.Tensor) -> list[tuple[torch.Tensor, int | tuple[int, ...]]]:
+        if not self.leaves:
+            return []
+        grads = self._grads(tuple(2 + p for p, _ in self.leaves), cotangent, sides=True)
+        return [(g, where) for g, (_, where) in zip(grads, self.leaves) if g is not None]
