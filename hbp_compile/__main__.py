@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     cmd = sub.add_parser("explain", help="print what Highway-BP would rewrite in a model")
     cmd.add_argument("target", help="module:factory, the factory returning (model, example_args)")
-    cmd.add_argument("--k", type=int, default=3)
+    cmd.add_argument("--k", type=lambda v: v if v == "auto" else int(v), default=3, help="an int, or auto")
     cmd.add_argument("--gamma", type=float, default=0.0)
     args = parser.parse_args(argv)
     module_name, sep, attr = args.target.partition(":")

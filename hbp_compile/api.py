@@ -10,6 +10,8 @@ import torch
 from ._torch_compat import capturing_rnns
 from .backend import HbpBackend
 from .compile import fresh_function
+from .engine.highway import ChainModule
+from .engine.iterate import IterationUsage
 from .inspect.report import Report
 from .options import HbpOptions
 
@@ -61,13 +63,27 @@ class HighwayModule(torch.nn.Module):
             return getattr(original, name)
 
     @property
+    def hbp_iterations(self) -> dict[str, IterationUsage]:
+        """Per rewritten chain (``"graph 0 chain 0"``), how many Highway-BP iterations its backward
+        passes ran: ``.last`` and the histogram ``.counts``. With ``k="auto"`` this is the k it chose."""
+        usage = {}
+        for record in self.hbp_backend.records:
+            if record.rewritten is None:
+                continue
+            for name, module in record.rewritten.named_modules():
+                if isinstance(module, ChainModule):
+                    usage[f"graph {record.index} {name.replace('hbp_', '').replace('_', ' ')}"] = module.program.usage
+        return usage
+
+    @property
     def hbp_report(self) -> Report:
         """The report of every graph compiled so far (empty before the first call)."""
         return Report(tuple(self.hbp_backend.records), self.hbp_options)
 
 
-def hbp_compile(model: torch.nn.Module, k: int = 3, *, gamma: float = 0.0, backend: str = "inductor",
-                recompute: bool = True, min_layers: int = 2, debug_dir: str | None = None) -> HighwayModule:
+def hbp_compile(model: torch.nn.Module, k: int | str = 3, *, gamma: float = 0.0, backend: str = "inductor",
+                recompute: bool = True, tol: float = 1e-3, k_max: int | None = None, min_layers: int = 2,
+                debug_dir: str | None = None) -> HighwayModule:
     """Train ``model`` with Highway backpropagation truncated at ``k`` iterations.
 
     The model is captured with torch.compile on its first call; its chains of residual layers get a
@@ -91,7 +107,7 @@ def hbp_compile(model: torch.nn.Module, k: int = 3, *, gamma: float = 0.0, backe
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"hbp_compile: model must be a torch.nn.Module, got {type(model).__name__}")
     options = HbpOptions(k=k, gamma=gamma, backend=backend, recompute=recompute, min_layers=min_layers,
-                         debug_dir=debug_dir)
+                         debug_dir=debug_dir, tol=tol, k_max=k_max)
     return HighwayModule(model, options)
 
 

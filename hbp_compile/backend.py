@@ -97,9 +97,10 @@ class HbpBackend:
         to_capture = gm
         if any(node.target in RNN_CALLS or node.target in CELL_CALLS for node in gm.graph.nodes):
             to_capture = fx.GraphModule(gm, _copy_graph(gm.graph))
-            k, gamma = self.options.k, self.options.gamma
-            record.recurrences = (swap_recurrences(to_capture, k=k, gamma=gamma)
-                                  + swap_cell_loops(to_capture, k=k, gamma=gamma, min_steps=self.options.min_layers))
+            k, gamma, tol = self.options.max_iterations, self.options.gamma, self.options.stop_tol
+            record.recurrences = (swap_recurrences(to_capture, k=k, gamma=gamma, tol=tol)
+                                  + swap_cell_loops(to_capture, k=k, gamma=gamma, min_steps=self.options.min_layers,
+                                                    tol=tol))
         try:
             record.aten_graph = to_aten_graph(to_capture, example_inputs)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: train exactly, and say why
@@ -107,8 +108,9 @@ class HbpBackend:
         if self.options.debug_dir:
             record.aten_code = record.aten_graph.print_readable(print_output=False)
         try:
-            record.recurrences += rewrite_scans(record.aten_graph, k=self.options.k, gamma=self.options.gamma,
-                                                backend=self.options.backend)
+            record.recurrences += rewrite_scans(
+                record.aten_graph, k=self.options.max_iterations, gamma=self.options.gamma,
+                backend=self.options.backend, tol=self.options.stop_tol)
         except Exception as exc:  # noqa: BLE001
             return self._fallback(record, Fallback.REWRITE_FAILED, f"{type(exc).__name__}: {exc}", exc)
         record.detection = find_residual_chains(record.aten_graph.graph, min_layers=self.options.min_layers)
@@ -121,8 +123,9 @@ class HbpBackend:
         check_forward = needs_forward_check(record.aten_graph.graph)
         try:
             record.rewritten = rewrite_chains(
-                record.aten_graph, record.detection.chains, k=self.options.k, gamma=self.options.gamma,
-                backend=self.options.backend, recompute=self.options.recompute,
+                record.aten_graph, record.detection.chains, k=self.options.max_iterations,
+                gamma=self.options.gamma, backend=self.options.backend, recompute=self.options.recompute,
+                tol=self.options.stop_tol,
             ) if record.detection.chains else record.aten_graph
         except Exception as exc:  # noqa: BLE001
             return self._fallback(record, Fallback.REWRITE_FAILED, f"{type(exc).__name__}: {exc}", exc)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 BACKENDS = ("inductor", "eager")
+_UNBOUNDED = 2**31 - 1  # k="auto" without k_max: the depth bounds the iterations
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,10 @@ class HbpOptions:
     """Options of the Highway-BP pass.
 
     * ``k``: iterations of Highway-BP; ``k >= L`` gives exact gradients, ``0`` trains every block on
-      the output gradient carried along the residual path only.
+      the output gradient carried along the residual path only. ``"auto"``: iterate until the
+      relative change ``‖w^{j+1} − w^j‖ / ‖w^j‖`` is at most ``tol``, or ``k_max`` iterations (default:
+      the depth, where the gradient is exact); the k used is in ``HighwayModule.hbp_iterations``.
+    * ``tol``, ``k_max``: the stopping rule of ``k="auto"`` (ignored for an integer k).
     * ``gamma``: γ-split in [0, 1] (HIGHWAY_BP.md §1); 1 is fixed-point iteration.
     * ``backend``: ``"inductor"`` (code generation) or ``"eager"`` (the same rewrite, uncompiled).
     * ``recompute``: ``True`` keeps only the states between forward and backward and recomputes the
@@ -27,18 +31,27 @@ class HbpOptions:
     2
     """
 
-    k: int = 3
+    k: int | str = 3
     gamma: float = 0.0
     backend: str = "inductor"
     recompute: bool = True
     min_layers: int = 2
     debug_dir: str | None = None
+    tol: float = 1e-3
+    k_max: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral):
-            raise TypeError(f"hbp_compile: k must be a non-negative int, got {self.k!r} ({type(self.k).__name__})")
-        if self.k < 0:
-            raise ValueError(f"hbp_compile: k must be a non-negative int, got {self.k}")
+        if isinstance(self.k, str):
+            if self.k != "auto":
+                raise ValueError(f"hbp_compile: k must be a non-negative int or 'auto', got {self.k!r}")
+        elif isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral):
+            raise TypeError(f"hbp_compile: k must be a non-negative int or 'auto', got {self.k!r} ({type(self.k).__name__})")
+        elif self.k < 0:
+            raise ValueError(f"hbp_compile: k must be a non-negative int or 'auto', got {self.k}")
+        if isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not 0 < float(self.tol) < 1:
+            raise ValueError(f"hbp_compile: tol must be a float in (0, 1), got {self.tol!r}")
+        if self.k_max is not None and (isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or self.k_max < 0):
+            raise ValueError(f"hbp_compile: k_max must be a non-negative int or None, got {self.k_max!r}")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, numbers.Real):
             raise TypeError(f"hbp_compile: gamma must be a float in [0, 1], got {self.gamma!r}")
         if not 0.0 <= float(self.gamma) <= 1.0:
@@ -49,10 +62,24 @@ class HbpOptions:
             raise TypeError(f"hbp_compile: recompute must be True or False, got {self.recompute!r}")
         if isinstance(self.min_layers, bool) or not isinstance(self.min_layers, int) or self.min_layers < 1:
             raise ValueError(f"hbp_compile: min_layers must be an int >= 1, got {self.min_layers!r}")
-        object.__setattr__(self, "k", int(self.k))
+        if self.k != "auto":
+            object.__setattr__(self, "k", int(self.k))
+        object.__setattr__(self, "tol", float(self.tol))
         object.__setattr__(self, "gamma", float(self.gamma))
         if self.debug_dir is None and os.environ.get("HBP_DEBUG_DIR"):
             object.__setattr__(self, "debug_dir", os.environ["HBP_DEBUG_DIR"])
+
+    @property
+    def max_iterations(self) -> int:
+        """The engine's iteration cap (it also stops at the depth, where the gradient is exact)."""
+        if self.k != "auto":
+            return self.k  # type: ignore[return-value]
+        return self.k_max if self.k_max is not None else _UNBOUNDED
+
+    @property
+    def stop_tol(self) -> float:
+        """The engine's convergence tolerance: 0 (run every iteration) unless ``k="auto"``."""
+        return self.tol if self.k == "auto" else 0.0
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, object] | None) -> "HbpOptions":

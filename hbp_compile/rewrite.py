@@ -61,7 +61,7 @@ def chain_side_inputs(chain: Chain) -> tuple[fx.Node, ...]:
 
 
 def rewrite_chains(gm: fx.GraphModule, chains: Sequence[Chain], *, k: int, gamma: float,
-                   backend: str = "eager", recompute: bool = True) -> fx.GraphModule:
+                   backend: str = "eager", recompute: bool = True, tol: float = 0.0) -> fx.GraphModule:
     """Replace every chain in ``gm`` (in place) with a ``ChainModule`` call and return ``gm``.
 
     ``backend="inductor"`` makes each chain compile its group functions and scans on first use.
@@ -73,7 +73,7 @@ def rewrite_chains(gm: fx.GraphModule, chains: Sequence[Chain], *, k: int, gamma
         if not inside <= present:
             raise RewriteError(f"chain {ci} refers to nodes that are not in the graph")
         sides = chain_side_inputs(chain)
-        program = build_program(chain, sides, k=k, gamma=gamma, backend=backend, recompute=recompute)
+        program = build_program(chain, sides, k=k, gamma=gamma, backend=backend, recompute=recompute, tol=tol)
         _check_backward_traces(program, chain, sides)
         name = f"hbp_chain_{ci}"
         gm.add_submodule(name, ChainModule(program))

@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 from ..compile import compile_function
 from ..detect.model import Chain, ResidualKind
 from .layer_graphs import differentiable_side_outputs, layer_graph, random_nodes, split_layer_graph
+from .iterate import IterationUsage, run_iterations
 from .layout import Plan, StateRuns, gather, scatter_add_
 from .saved import SavedGroup, SavedLayer, partition_split_layer
 from .scans import ReverseLinearScan, apply_reverse_products, flush_denormals, reverse_cumsum
@@ -97,10 +98,12 @@ class ChainProgram:
     layer_sides: tuple[tuple[int, ...], ...]
     groups: tuple[GroupProgram, ...]
     taps: tuple[int, ...]
-    k: int
+    k: int  # iterations, or at most this many when tol > 0
     gamma: float
     state_runs: StateRuns
     backend: str = "eager"
+    tol: float = 0.0  # > 0: k="auto", stop when the relative change of w falls to tol (engine/iterate.py)
+    usage: IterationUsage = field(default_factory=IterationUsage, compare=False, repr=False)
 
     @cached_property
     def scan_kernels(self) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
@@ -131,7 +134,7 @@ class ChainProgram:
 
 
 def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma: float,
-                  backend: str = "eager", recompute: bool = True) -> ChainProgram:
+                  backend: str = "eager", recompute: bool = True, tol: float = 0.0) -> ChainProgram:
     """Index every layer's externals into ``side_nodes`` (the chain's flat side-input list)."""
     where = {node: i for i, node in enumerate(side_nodes)}
     state_runs = StateRuns.from_kinds(chain.kinds)
@@ -169,6 +172,7 @@ def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma:
         gamma=gamma,
         state_runs=state_runs,
         backend=backend,
+        tol=tol,
     )
 
 
@@ -397,9 +401,9 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[_BatchedGroup],
     """``w^k`` for every state, one stacked tensor per run (HIGHWAY_BP.md §3-4)."""
     gamma = program.gamma
     scans = _run_scans(program, batched)
-    w = [scan(ar) for scan, ar in zip(scans, a)]
     residual_k = {id(b): b.residual_jacobian().detach() for b in batched} if gamma else {}
-    for _ in range(min(program.k, program.num_layers)):
+
+    def step(w: list) -> list:
         v = [torch.zeros_like(ar) for ar in a]
         for b in batched:
             cot = gather(w, b.prog.outputs)
@@ -408,7 +412,11 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[_BatchedGroup],
                 # γ-split: the γ·K part of the residual moves into the block (HIGHWAY_BP.md §1).
                 vb = vb + gamma * residual_k[id(b)] * cot
             scatter_add_(v, b.prog.inputs, vb)
-        w = [scan(ar + vr) for scan, ar, vr in zip(scans, a, v)]
+        return [scan(ar + vr) for scan, ar, vr in zip(scans, a, v)]
+
+    w, used = run_iterations([scan(ar) for scan, ar in zip(scans, a)], step,
+                             max_iterations=min(program.k, program.num_layers), tol=program.tol)
+    program.usage.record(used)
     return w
 
 
@@ -428,4 +436,5 @@ class ChainModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         p = self.program
-        return f"layers={p.num_layers}, groups={len(p.groups)}, taps={list(p.taps)}, k={p.k}, gamma={p.gamma}"
+        k = f"auto (tol={p.tol}, at most {p.k})" if p.tol else p.k
+        return f"layers={p.num_layers}, groups={len(p.groups)}, taps={list(p.taps)}, k={k}, gamma={p.gamma}"

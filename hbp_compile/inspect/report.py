@@ -43,8 +43,12 @@ class Report:
 
 def format_report(records: Sequence["GraphRecord"], options: HbpOptions) -> list[str]:
     total = sum(r.num_layers for r in records)
+    k = options.k if options.k != "auto" else (
+        f"auto (tol={options.tol:g}" + (f", at most {options.k_max})" if options.k_max is not None else ")"))
     lines = [f"hbp_compile: {len(records)} captured region(s), {total} residual layer(s), "
-             f"k={options.k}, gamma={options.gamma}"]
+             f"k={k}, gamma={options.gamma}"]
+    if options.k == "auto":
+        lines.append("  (k=auto: the depths below are the worst case, at the iteration cap)")
     for record in records:
         if record.fallback is not None:
             lines.append(f"region {record.index}: exact backprop: {record.fallback.value}")
@@ -55,7 +59,7 @@ def format_report(records: Sequence["GraphRecord"], options: HbpOptions) -> list
         for ri, recurrence in enumerate(record.recurrences):
             lines.append(f"region {record.index} recurrence {ri}: {recurrence.describe()}")
             if recurrence.swapped:
-                steps, passes = recurrence.steps, min(options.k, recurrence.steps) + 1
+                steps, passes = recurrence.steps, min(options.max_iterations, recurrence.steps) + 1
                 # the longest path of depth.highway_dag(T, k), in closed form (T can be thousands)
                 lines.append(f"  backward depth (longest path) in step VJPs per layer: backprop {steps}, "
                              f"highway {passes} (+ {passes * steps.bit_length()} scan steps)")
@@ -68,7 +72,7 @@ def format_report(records: Sequence["GraphRecord"], options: HbpOptions) -> list
             for layer in chain.layers:
                 lines.append(f"  {layer.index:>5}  {layer.module_path or '?':<{width}}  {layer.group:>5}  "
                              f"{layer.kind.value:<8}  {layer.formula}")
-            bp, hbp, scan = backward_depth(chain, options.k)
+            bp, hbp, scan = backward_depth(chain, options.max_iterations)
             lines.append(f"  backward depth (longest path) in block VJPs: backprop {bp}, highway {hbp} "
                          f"(+ {scan} scan steps)")
         for note in record.detection.notes:

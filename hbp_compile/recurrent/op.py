@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..engine.iterate import run_iterations
 from ..engine.scans import ReverseLinearScan, flush_denormals, linear_scan
 from .cells import CELLS
 
@@ -33,12 +34,13 @@ def _params(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
 
 @torch.library.custom_op("hbp::recurrence", mutates_args=())
 def recurrence(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-               b_hh: Tensor | None, k: int, gamma: float, step_kernel: bool = False) -> Tensor:
+               b_hh: Tensor | None, k: int, gamma: float, step_kernel: bool = False, tol: float = 0.0) -> Tensor:
     """All states ``(T+1, m, B, H)`` of one recurrent layer over a time-major ``input`` ``(T, B, D)``.
 
     ``state0`` is ``(m, B, H)``: ``[h]``, or ``[c, h]`` for LSTM. With ``step_kernel`` the forward is a
     loop of the one-step kernels (``torch.gru_cell`` ...), bit-identical to a user's loop over
     ``nn.GRUCell``; else the fused sequence kernel of ``nn.GRU``, bit-identical to the module.
+    ``tol > 0``: the backward runs at most ``k`` iterations and stops once converged (``k="auto"``).
 
     >>> T, B, D, H = 5, 2, 3, 4
     >>> gru = torch.nn.GRU(D, H)
@@ -77,18 +79,19 @@ def _step_loop(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Ten
 
 
 @recurrence.register_fake
-def _(mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma, step_kernel=False):
+def _(mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma, step_kernel=False, tol=0.0):
     return input.new_empty((input.shape[0] + 1, *state0.shape))
 
 
 def _setup_context(ctx, inputs, output):
     mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma = inputs[:9]
     ctx.mode, ctx.k, ctx.gamma, ctx.num_inputs = mode, k, gamma, len(inputs)
+    ctx.tol = inputs[10] if len(inputs) > 10 else 0.0
     ctx.save_for_backward(input, w_ih, w_hh, b_ih, b_hh, output)
 
 
 def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, states: Tensor, input: Tensor,
-                     weights: Sequence[Tensor | None], needs_grad: Sequence[bool]) -> list[Tensor | None]:
+                     weights: Sequence[Tensor | None], needs_grad: Sequence[bool], tol: float = 0.0) -> list[Tensor | None]:
     """Gradients of ``(input, state0, w_ih, w_hh, b_ih, b_hh)`` given the cotangents of all states."""
     cell = CELLS[mode]
     w_ih, w_hh, b_ih, b_hh = weights
@@ -107,14 +110,16 @@ def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, state
     # K = 0 (plain RNN): nothing travels along a residual path
     scan = (lambda c: c) if mode.startswith("rnn") else ReverseLinearScan((1.0 - gamma) * gates.k_diag)
     a = grad_states
-    w = scan(a)
-    for _ in range(min(k, steps)):
-        v = block_vjp(w[1:])
+
+    def step(w: list[Tensor]) -> list[Tensor]:
+        v = block_vjp(w[0][1:])
         if gamma:
-            v += gamma * gates.k_diag * w[1:]  # γ-split: γ·K moves into the block (HIGHWAY_BP.md §1)
+            v += gamma * gates.k_diag * w[0][1:]  # γ-split: γ·K moves into the block (HIGHWAY_BP.md §1)
         c = a.clone()
         c[:-1] += v
-        w = scan(c)
+        return [scan(c)]
+
+    (w,), _ = run_iterations([scan(a)], step, max_iterations=min(k, steps), tol=tol, what=f"recurrence {mode}")
     _, d_gh, d_gi = cell.vjp(gates, w[1:])
     flat_gi, flat_gh = d_gi.flatten(0, -2), d_gh.flatten(0, -2)
     grads: list[Tensor | None] = [
@@ -137,7 +142,7 @@ def _backward(ctx, grad_states):
     input, w_ih, w_hh, b_ih, b_hh, states = ctx.saved_tensors
     with flush_denormals():
         grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
-                                 (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7])
+                                 (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7], ctx.tol)
     return (None, *grads, *[None] * (ctx.num_inputs - 1 - len(grads)))
 
 

@@ -104,7 +104,7 @@ def _readout_loop(readout: fx.GraphModule, states: torch.Tensor, num_xs: int, *i
 
 
 def _program(layer: Layer, steps: int, num_xs: int, num_additional: int, k: int, gamma: float,
-             tapped: bool, backend: str) -> ChainProgram:
+             tapped: bool, backend: str, tol: float) -> ChainProgram:
     """``tapped``: the scan returns every carry (``y_t`` is the carry itself)."""
     # flat side inputs: x_t of every step for each xs tensor (xs j of step t at j*T + t), then additional
     kinds = [layer.kind] * steps
@@ -121,10 +121,11 @@ def _program(layer: Layer, steps: int, num_xs: int, num_additional: int, k: int,
                   for t in range(steps))
     return ChainProgram(num_layers=steps, layer_group=(0,) * steps, layer_sides=sides, groups=(group,),
                         taps=tuple(range(1, steps)) if tapped else (), k=k, gamma=gamma, state_runs=runs,
-                        backend=backend)
+                        backend=backend, tol=tol)
 
 
-def rewrite_scans(gm: fx.GraphModule, *, k: int, gamma: float, backend: str = "eager") -> tuple[Recurrence, ...]:
+def rewrite_scans(gm: fx.GraphModule, *, k: int, gamma: float, backend: str = "eager",
+                  tol: float = 0.0) -> tuple[Recurrence, ...]:
     """Replace every one-carry ``scan`` node of the aten graph ``gm`` in place; report each one."""
     found = []
     for index, node in enumerate([n for n in gm.graph.nodes if n.target is _SCAN]):
@@ -141,7 +142,7 @@ def rewrite_scans(gm: fx.GraphModule, *, k: int, gamma: float, backend: str = "e
             continue
         layer, plans = step
         program = _program(layer, steps, len(xs), len(additional), k, gamma,
-                           any(not isinstance(p, fx.Node) for p in plans), backend)
+                           any(not isinstance(p, fx.Node) for p in plans), backend, tol)
         name = f"hbp_scan_{index}"
         gm.add_submodule(name, ChainModule(program))
         graph = gm.graph

@@ -1,0 +1,1 @@
+"""hbp_compile's benchmarks: ``python -m benchmarks`` runs the suite (see suite.py)."""

@@ -1,0 +1,215 @@
+"""The benchmark suite: every workload of ``workloads.py`` under every method, in one run.
+
+Run: python -m benchmarks [--quick] [--only NAME...] [--repeats 5] [--no-write]
+
+Methods: eager backprop, torch.compile backprop, fixed-point iteration (γ = 1, k = 3), and HBP at
+k in (0, 1, 3, 10) (Inductor; the workload's γ). Per method: median step time / eager backprop's
+(measured in this run), first-call time (compilation included), peak memory of a training step / eager
+backprop's (CUDA ``max_memory_allocated``, or torch.profiler's CPU memory timeline), and the cosine
+similarity of the parameter gradient to the exact one on the same batch.
+
+Writes the tables into docs/benchmarks.md (between the ``suite`` markers) and the plots
+docs/img/bench_time_vs_k.png and docs/img/bench_cosine_vs_k.png.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from hbp_compile import hbp_compile
+
+from .workloads import Workload, workloads
+
+ROOT = Path(__file__).resolve().parents[1]
+HBP_KS = (0, 1, 3, 10)
+
+
+@dataclass
+class Row:
+    workload: str
+    method: str
+    k: int | None
+    step_s: float
+    first_s: float
+    peak_bytes: float
+    cosine: float
+
+
+def methods(workload: Workload, ks=HBP_KS) -> list[tuple[str, int | None, object]]:
+    """(name, k, wrap) triples; ``wrap(model)`` returns what a training step calls."""
+    out = [("eager backprop", None, lambda m: m), ("torch.compile backprop", None, torch.compile)]
+    out.append(("fixed point (γ=1, k=3)", 3, lambda m: hbp_compile(m, k=3, gamma=1.0)))
+    for k in ks:
+        out.append((f"HBP k={k}" + (f", γ={workload.gamma}" if workload.gamma else ""), k,
+                    lambda m, k=k: hbp_compile(m, k=k, gamma=workload.gamma)))
+    return out
+
+
+def _grads(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def _step(fn, model, workload: Workload, batch: tuple, device: str) -> None:
+    model.zero_grad(set_to_none=True)
+    workload.loss(fn, batch).backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_memory(fn, model, workload: Workload, batch: tuple, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _step(fn, model, workload, batch, device)
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        _step(fn, model, workload, batch, device)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = os.path.join(tmp, "timeline.json")
+        prof.export_memory_timeline(path, device="cpu")
+        _, sizes = json.loads(Path(path).read_text())
+    return float(max(sum(s) for s in sizes))
+
+
+def measure(workload: Workload, name: str, k: int | None, wrap, repeats: int, device: str,
+            exact: torch.Tensor, init: torch.nn.Module, batch: tuple) -> Row:
+    model = copy.deepcopy(init)
+    fn = wrap(model)
+    start = time.perf_counter()
+    _step(fn, model, workload, batch, device)
+    first = time.perf_counter() - start
+    _step(fn, model, workload, batch, device)  # warm: a second call may still specialise
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _step(fn, model, workload, batch, device)
+        times.append(time.perf_counter() - start)
+    cosine = torch.nn.functional.cosine_similarity(_grads(model).double(), exact.double(), dim=0).item()
+    peak = _peak_memory(fn, model, workload, batch, device)
+    return Row(workload.name, name, k, statistics.median(times), first, peak, cosine)
+
+
+def run(selected: list[Workload], repeats: int, device: str, ks=HBP_KS) -> list[Row]:
+    rows = []
+    jobs = [(w, m) for w in selected for m in methods(w, ks)]
+    progress = tqdm(jobs, desc="benchmarks", unit="run")
+    inits: dict[str, tuple] = {}
+    for workload, (name, k, wrap) in progress:
+        progress.set_postfix_str(f"{workload.name[:28]} | {name}")
+        if workload.name not in inits:
+            torch.manual_seed(0)
+            init = workload.make_model().to(device).train()
+            batch = tuple(t.to(device) for t in workload.make_batch(torch.Generator().manual_seed(0)))
+            reference = copy.deepcopy(init)
+            _step(reference, reference, workload, batch, device)
+            inits[workload.name] = (init, batch, _grads(reference))
+        init, batch, exact = inits[workload.name]
+        torch._dynamo.reset()
+        rows.append(measure(workload, name, k, wrap, repeats, device, exact, init, batch))
+    return rows
+
+
+def markdown(rows: list[Row], selected: list[Workload], device: str, repeats: int) -> str:
+    lines = [f"Measured by `python -m benchmarks` on {device_name(device)}, torch {torch.__version__}, "
+             f"float32, median of {repeats} steps. Ratios are to eager backprop in the same run.", ""]
+    for workload in selected:
+        mine = [r for r in rows if r.workload == workload.name]
+        if not mine:
+            continue
+        base = next(r for r in mine if r.method == "eager backprop")
+        lines += [f"### {workload.name}", ""]
+        if workload.note:
+            lines += [workload.note + ".", ""]
+        lines += ["| method | step (ms) | step / backprop | first call (s) | peak memory / backprop | grad cosine |",
+                  "|---|---|---|---|---|---|"]
+        for r in mine:
+            lines.append(f"| {r.method} | {r.step_s * 1e3:.1f} | {r.step_s / base.step_s:.2f} | {r.first_s:.1f} | "
+                         f"{r.peak_bytes / base.peak_bytes:.2f} | {r.cosine:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def plots(rows: list[Row], selected: list[Workload], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for metric, label, fname in [("time", "step time / eager backprop", "bench_time_vs_k.png"),
+                                 ("cosine", "gradient cosine to exact", "bench_cosine_vs_k.png")]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for workload in selected:
+            mine = [r for r in rows if r.workload == workload.name]
+            if not mine:
+                continue
+            base = next(r for r in mine if r.method == "eager backprop")
+            hbp = sorted((r for r in mine if r.method.startswith("HBP")), key=lambda r: r.k)
+            ys = [r.step_s / base.step_s if metric == "time" else r.cosine for r in hbp]
+            ax.plot([r.k for r in hbp], ys, marker="o", label=workload.name[:40])
+        if metric == "time":
+            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel("k (Highway-BP iterations)")
+        ax.set_ylabel(label)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=120)
+        plt.close(fig)
+        paths.append(out_dir / fname)
+    return paths
+
+
+def write_section(doc: Path, text: str, marker: str = "suite") -> None:
+    """Replace the text between the ``<!-- marker:begin -->``/``end`` comments of ``doc``."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    content = doc.read_text()
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    doc.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", content))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=None, help="workloads whose name contains one of these")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ks", type=int, nargs="+", default=list(HBP_KS))
+    parser.add_argument("--quick", action="store_true", help="the first workload only, 2 repeats, no docs written")
+    parser.add_argument("--no-write", action="store_true", help="print the tables, leave docs/ as it is")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    selected = workloads()
+    if args.only:
+        selected = [w for w in selected if any(s.lower() in w.name.lower() for s in args.only)]
+    if args.quick:
+        selected, args.repeats, args.no_write = selected[:1], 2, True
+    rows = run(selected, args.repeats, args.device, tuple(args.ks))
+    text = markdown(rows, selected, args.device, args.repeats)
+    print(text)
+    if not args.no_write:
+        write_section(ROOT / "docs" / "benchmarks.md", text)
+        for path in plots(rows, selected, ROOT / "docs" / "img"):
+            print(f"plot: {path.relative_to(ROOT)}")
