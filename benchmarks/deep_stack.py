@@ -13,26 +13,15 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from hbp_compile import hbp_compile
-
-
-class Block(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.ln = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, 4 * d)
-        self.fc2 = nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+from workloads import PreLNBlock  # x + fc2(gelu(fc1(LN(x)))); this script's folder is on sys.path
 
 
 class Stack(nn.Module):
     def __init__(self, depth: int, d: int):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(d) for _ in range(depth))
+        self.blocks = nn.ModuleList(PreLNBlock(d) for _ in range(depth))
 
     def forward(self, x):
         for block in self.blocks:

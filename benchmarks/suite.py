@@ -45,6 +45,7 @@ class Row:
     first_s: float
     peak_bytes: float
     cosine: float
+    error: str = ""
 
 
 def methods(workload: Workload, ks=HBP_KS) -> list[tuple[str, int | None, object]]:
@@ -120,7 +121,12 @@ def run(selected: list[Workload], repeats: int, device: str, ks=HBP_KS) -> list[
             inits[workload.name] = (init, batch, _grads(reference))
         init, batch, exact = inits[workload.name]
         torch._dynamo.reset()
-        rows.append(measure(workload, name, k, wrap, repeats, device, exact, init, batch))
+        try:
+            rows.append(measure(workload, name, k, wrap, repeats, device, exact, init, batch))
+        except Exception as exc:  # noqa: BLE001 - one failing method must not lose the whole run
+            nan = float("nan")
+            rows.append(Row(workload.name, name, k, nan, nan, nan, nan, f"{type(exc).__name__}: {exc}"[:200]))
+            tqdm.write(f"{workload.name} | {name}: {rows[-1].error}")
     return rows
 
 
@@ -138,6 +144,9 @@ def markdown(rows: list[Row], selected: list[Workload], device: str, repeats: in
         lines += ["| method | step (ms) | step / backprop | first call (s) | peak memory / backprop | grad cosine |",
                   "|---|---|---|---|---|---|"]
         for r in mine:
+            if r.error:
+                lines.append(f"| {r.method} | failed: {r.error} | | | | |")
+                continue
             lines.append(f"| {r.method} | {r.step_s * 1e3:.1f} | {r.step_s / base.step_s:.2f} | {r.first_s:.1f} | "
                          f"{r.peak_bytes / base.peak_bytes:.2f} | {r.cosine:.4f} |")
         lines.append("")

@@ -1,13 +1,15 @@
 """Train a 16-block residual MLP on scikit-learn's bundled digits (no download) with backprop and with
 Highway-BP at k = 0, 1, 3, from the same initialisation and the same batches.
 
-Run: python examples/digits_resnet.py [--epochs 30] [--depth 16] [--backend inductor|eager]
-Prints a table (test accuracy, training time per epoch vs backprop) and saves digits_resnet.png.
+Run: python examples/digits_resnet.py [--epochs 30] [--depth 16] [--seeds 0 1 2] [--backend inductor|eager]
+Prints a table (test accuracy, mean ± std over seeds; training time per epoch vs backprop) and saves
+digits_resnet.png (test accuracy per epoch, mean over seeds).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import matplotlib
@@ -92,34 +94,43 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 1, 3])
     parser.add_argument("--backend", default="inductor", choices=["inductor", "eager"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--plot", default="digits_resnet.png")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     train_set, test_set = data(device)
-    torch.manual_seed(args.seed)
-    init = ResidualMLP(args.depth).to(device)
-    results = {}
-    for k in [None, *args.ks]:
-        model = copy.deepcopy(init)
-        name = "backprop" if k is None else f"HBP k={k}"
-        step_model = model if k is None else hbp_compile(model, k=k, backend=args.backend)
-        results[name] = train(model, step_model, train_set, test_set, args.epochs, args.batch, args.seed)
-        print(f"{name:>10}: test accuracy {results[name][0][-1]:.2f}%", flush=True)
+    results: dict[str, list] = {}
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        init = ResidualMLP(args.depth).to(device)
+        for k in [None, *args.ks]:
+            model = copy.deepcopy(init)
+            name = "backprop" if k is None else f"HBP k={k}"
+            step_model = model if k is None else hbp_compile(model, k=k, backend=args.backend)
+            results.setdefault(name, []).append(train(model, step_model, train_set, test_set, args.epochs,
+                                                      args.batch, seed))
+            print(f"seed {seed} {name:>10}: test accuracy {results[name][-1][0][-1]:.2f}%", flush=True)
 
-    base = results["backprop"]
+    def final(name: str) -> torch.Tensor:
+        return torch.tensor([curve[-1] for curve, _, _ in results[name]])
+
+    base_acc, base_epoch = final("backprop").mean(), statistics.median(r[2] for r in results["backprop"])
     print(f"\nresidual MLP, {args.depth} pre-LN blocks, digits (1437 train / 360 test), {args.epochs} epochs, "
-          f"device={device}, HBP backend={args.backend}")
-    print(f"| method | test acc. (%) | vs backprop (points) | first epoch (s) | epoch (s) | epoch / backprop |")
+          f"seeds {args.seeds}, device={device}, HBP backend={args.backend}")
+    print("| method | test acc. (%), mean ± std | vs backprop (points) | first epoch, first seed (s) | epoch (s) "
+          "| epoch / backprop |")
     print("|---|---|---|---|---|---|")
-    for name, (curve, first, steady) in results.items():
-        print(f"| {name} | {curve[-1]:.2f} | {curve[-1] - base[0][-1]:+.2f} | {first:.2f} | {steady:.3f} | "
-              f"{steady / base[2]:.2f} |")
+    for name, runs in results.items():
+        acc, epoch = final(name), statistics.median(r[2] for r in runs)
+        std = acc.std().item() if len(acc) > 1 else 0.0
+        print(f"| {name} | {acc.mean():.2f} ± {std:.2f} | {acc.mean() - base_acc:+.2f} | "
+              f"{runs[0][1]:.2f} | {epoch:.3f} | {epoch / base_epoch:.2f} |")
     plt.figure(figsize=(6, 4))
-    for name, (curve, _, _) in results.items():
+    for name, runs in results.items():
+        curve = torch.tensor([r[0] for r in runs]).mean(0)
         plt.plot(range(1, len(curve) + 1), curve, label=name)
     plt.xlabel("epoch")
-    plt.ylabel("test accuracy (%)")
+    plt.ylabel(f"test accuracy (%), mean of {len(args.seeds)} seeds")
     plt.title(f"digits, {args.depth}-block residual MLP")
     plt.legend()
     plt.grid(alpha=0.3)

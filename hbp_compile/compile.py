@@ -55,8 +55,49 @@ def compile_function(fn: Callable[..., Any], backend: str, name: str = "hbp_fn")
     """
     if backend == "eager":
         return fn
-    return torch.compile(fresh_function(fn, name), backend="inductor", dynamic=False, fullgraph=True,
-                         options=INDUCTOR_OPTIONS)
+    return _without_grad_attribute_warning(torch.compile(
+        fresh_function(fn, name), backend="inductor", dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS))
+
+
+def _without_grad_attribute_warning(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        with warnings.catch_warnings():
+            # Dynamo reads `.grad` of every tensor input while it builds guards, and inputs computed
+            # under autograd are not leaves: torch warns about its own read, which is harmless.
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            return compiled(*args)
+
+    return run
+
+
+def _convolution(x, w, b, stride, padding, dilation, transposed, output_padding, groups):
+    # torch 2.13's Inductor computes a wrong weight gradient on the CPU for some 1x1 convolutions of
+    # stride > 1 (e.g. 4 -> 8 channels: off by the gradient's own size; eager is right). A 1x1
+    # convolution of stride s is the stride-1 convolution of the input subsampled by s, which it
+    # compiles correctly; same values, same gradients.
+    if (not transposed and all(k == 1 for k in w.shape[2:]) and all(p == 0 for p in padding)
+            and any(s != 1 for s in stride)):
+        x = x[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
+        stride = [1] * len(stride)
+    return torch.ops.aten.convolution.default(x, w, b, stride, padding, dilation, transposed, output_padding,
+                                              groups)
+
+
+def without_inductor_conv_bug(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose convolutions avoid the Inductor bug of ``_convolution`` (same values).
+
+    >>> g = torch.fx.symbolic_trace(lambda x, w: torch.ops.aten.convolution.default(
+    ...     x, w, None, [2, 2], [0, 0], [1, 1], False, [0, 0], 1))
+    >>> x, w = torch.randn(1, 4, 6, 6), torch.randn(8, 4, 1, 1)
+    >>> torch.equal(without_inductor_conv_bug(g)(x, w), g(x, w))
+    True
+    """
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.convolution.default:
+            node.target = _convolution
+    return fx.GraphModule(gm, graph)
 
 
 @torch.compiler.disable
@@ -70,22 +111,14 @@ def compile_rewritten(gm: fx.GraphModule, backend: str) -> Callable[..., Any]:
     recurrences compiled by Inductor. ``gm`` itself is left as it is (the dumps print it)."""
     if backend == "eager":
         return gm.forward
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    for node in graph.nodes:
+    safe = without_inductor_conv_bug(gm)
+    for node in safe.graph.nodes:
         # ChainModule.forward is a graph break already; the recurrence custom op is one node that
         # aot_autograd would trace the Python backward of: keep it out of the compiled graphs.
         if node.op == "call_function" and node.target is torch.ops.hbp.recurrence.default:
             node.args = (node.target, *node.args)
             node.target = _run_opaque
-    compiled = torch.compile(fresh_function(fx.GraphModule(gm, graph), "hbp_graph"), backend="inductor",
-                             dynamic=False, options=INDUCTOR_OPTIONS)
-
-    def run(*args: Any) -> Any:
-        with warnings.catch_warnings():
-            # Dynamo reads `.grad` of every tensor it resumes with after a graph break, and the
-            # chain's outputs are not leaves: torch warns about its own read, which is harmless.
-            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
-            return compiled(*args)
-
-    return run
+    safe.recompile()
+    # resumed after a chain's graph break with its outputs, which are not leaves
+    return _without_grad_attribute_warning(torch.compile(
+        fresh_function(safe, "hbp_graph"), backend="inductor", dynamic=False, options=INDUCTOR_OPTIONS))

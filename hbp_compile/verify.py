@@ -42,8 +42,23 @@ def _identical(a: object, b: object) -> bool:
     return type(a) is type(b) and a == b
 
 
-def forward_mismatch(original: Callable, rewritten: Callable, inputs: Sequence[object]) -> str | None:
-    """None when both give identical outputs and input mutations; else what differs."""
+def _close(a: object, b: object) -> bool:
+    """Equal up to the rounding of differently fused kernels (Inductor's): 1e-3 of the tensor's scale.
+    Another random draw or a missed buffer update moves elements by their own size, far beyond."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_floating_point():
+        if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a.isnan(), b.isnan()):
+            return False
+        a, b = torch.nan_to_num(a.detach()).double(), torch.nan_to_num(b.detach()).double()
+        scale = max(a.abs().max().item(), 1e-12) if a.numel() else 1.0
+        return bool(((a - b).abs() <= 1e-3 * scale).all())
+    return _identical(a, b)
+
+
+def forward_mismatch(original: Callable, rewritten: Callable, inputs: Sequence[object], *,
+                     exact: bool = True) -> str | None:
+    """None when both give the same outputs and input mutations (bit for bit when ``exact``; up to
+    kernel rounding otherwise, for compiled code); else what differs."""
+    same = _identical if exact else _close
     on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in inputs)
     devices = list(range(torch.cuda.device_count())) if on_cuda else []
     with torch.random.fork_rng(devices=devices):
@@ -51,8 +66,8 @@ def forward_mismatch(original: Callable, rewritten: Callable, inputs: Sequence[o
         cuda_states = torch.cuda.get_rng_state_all() if devices else []
         want_out, want_args = _run(original, inputs, cpu_state, cuda_states)
         got_out, got_args = _run(rewritten, inputs, cpu_state, cuda_states)
-    if len(want_out) != len(got_out) or not all(map(_identical, want_out, got_out)):
+    if len(want_out) != len(got_out) or not all(map(same, want_out, got_out)):
         return "the rewritten graph's outputs differ from the model's under the same random seed"
-    if not all(map(_identical, want_args, got_args)):
+    if not all(map(same, want_args, got_args)):
         return "the rewritten graph updates buffers differently from the model"
     return None

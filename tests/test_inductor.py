@@ -11,6 +11,7 @@ import torch.nn as nn
 from hbp_compile import hbp_compile
 
 from .models import Gated, Stack, make, mlp_stack, transformer_stack, two_stage_stack
+from .test_real_models import small_resnet
 from .test_scan_hop import ScanModel
 
 REL = 1e-4
@@ -44,6 +45,15 @@ def _encoder_with_dropout() -> nn.Module:
     return Encoder()
 
 
+class SquaredMean(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).pow(2).mean()
+
+
 # name: (model factory, input shape, k, gamma[, recompute])
 CASES = {
     "pre-LN MLP with taps": (lambda: make(mlp_stack(4, d=8, hidden=16, taps=True)).float(), (4, 3), 2, 0.0),
@@ -54,6 +64,7 @@ CASES = {
     "nn.GRU, 2 layers": (_gru_model, (2, 7, 3), 2, 0.0),
     "scan HOP": (lambda: ScanModel("sin"), (6, 2, 3), 2, 0.0),
     "TransformerEncoder, dropout": (_encoder_with_dropout, (2, 5, 8), 1, 0.0),
+    "ResNet, BatchNorm, downsampling": (lambda: SquaredMean(small_resnet().float()), (4, 3, 8, 8), 2, 0.0),
 }
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch.autograd.function import once_differentiable
 
-from ..compile import compile_function
+from ..compile import compile_function, without_inductor_conv_bug
 from ..detect.model import Chain, ResidualKind
 from .layer_graphs import differentiable_side_outputs, layer_graph, random_nodes, split_layer_graph
 from .iterate import IterationUsage, run_iterations
@@ -60,26 +60,30 @@ class GroupProgram:
         pattern of which externals require grad."""
         need = (True, True, *(e.requires_grad for e in externals))
         if need not in self._partitions:
-            self._partitions[need] = partition_split_layer(self.split_fn, [x, x, *externals], need,
+            self._partitions[need] = partition_split_layer(self._for_backend(self.split_fn), [x, x, *externals], need,
                                                            self.side_differentiable, self.backend)
         return self._partitions[need]
 
     @cached_property
     def run_layer(self) -> Callable[..., object]:
         """The layer function the forward calls once per layer of the group."""
-        return compile_function(self.layer_fn, self.backend, "hbp_layer")
+        return compile_function(self._for_backend(self.layer_fn), self.backend, "hbp_layer")
 
-    def batched_split(self) -> Callable[..., object]:
+    def _for_backend(self, gm: fx.GraphModule) -> fx.GraphModule:
+        return gm if self.backend == "eager" else without_inductor_conv_bug(gm)
+
+    def batched_split(self, split_fn: fx.GraphModule | None = None) -> Callable[..., object]:
         """``(xs_r, xs_g, *externals, *draws) -> ys``: the split layer vmapped over the group's layers."""
         dims: list[int | None] = [None] * (len(self.stacked) + len(self.broadcast))
         for p, _ in self.stacked:
             dims[p] = 0
-        return torch.func.vmap(self.split_fn, in_dims=(0, 0, *dims, *[0] * self.num_draws))
+        return torch.func.vmap(split_fn or self.split_fn, in_dims=(0, 0, *dims, *[0] * self.num_draws))
 
     @cached_property
     def run_batched(self) -> Callable[..., object]:
         """``batched_split`` compiled: its aot_autograd backward graph is the group's batched VJP."""
-        return compile_function(self.batched_split(), self.backend, "hbp_batched_split")
+        return compile_function(self.batched_split(self._for_backend(self.split_fn)), self.backend,
+                                "hbp_batched_split")
 
     def unpack(self, out: object) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """A layer graph's result as (y, side outputs, draws)."""
@@ -191,21 +195,23 @@ class _BatchedGroup:
         self.prog = prog
         self.forward = prog.run_batched if compiled else prog.batched_split()
         self.separate_weights = compiled and prog.backend != "eager"
+        # Compiled, no two inputs may share storage: aot_autograd treats aliased inputs that require
+        # grad through a synthetic base, which gave wrong weight gradients (a 1x1 conv's weight
+        # read through two views). Eager autograd needs no copies.
+        fresh = (lambda t: t.detach().clone()) if self.separate_weights else (lambda t: t.detach())
         xs = torch.stack([states[p] for p in prog.layers])
-        self.x_r = xs.detach().requires_grad_(prog.kind not in (ResidualKind.IDENTITY, ResidualKind.ZERO))
+        self.x_r = fresh(xs).requires_grad_(prog.kind not in (ResidualKind.IDENTITY, ResidualKind.ZERO))
         self.x_g = xs.detach().requires_grad_()
         n_ext = len(prog.stacked) + len(prog.broadcast)
         args: list[torch.Tensor | None] = [None] * n_ext
-        dims: list[int | None] = [None] * n_ext
         self.grad_leaves: list[tuple[torch.Tensor, int | tuple[int, ...]]] = []
         for p, idx in prog.stacked:
             need = any(sides_need_grad[i] for i in idx)
             args[p] = torch.stack([sides[i].detach() for i in idx]).requires_grad_(need)
-            dims[p] = 0
             if need:
                 self.grad_leaves.append((args[p], idx))
         for p, i in prog.broadcast:
-            args[p] = sides[i].detach().requires_grad_(sides_need_grad[i])
+            args[p] = fresh(sides[i]).requires_grad_(sides_need_grad[i])
             if sides_need_grad[i]:
                 self.grad_leaves.append((args[p], i))
         self.args = args
