@@ -109,13 +109,13 @@ class SavedGroup:
         ] + [(p, i) for p, i in prog.broadcast if sides_need_grad[i]]
         self.broadcast = tuple(p for p, _ in prog.broadcast)
         self.side_cotangents: list[torch.Tensor] = []
+        self.zero_side_cotangents = [like.new_zeros((len(prog.layers), *shape), dtype=dtype)
+                                     for shape, dtype in saved.tangents[1:]]
 
     def _grads(self, wanted: tuple[int, ...], cotangent: torch.Tensor, *, sides: bool = False) -> tuple:
         """Gradients of inputs ``wanted`` for ``cotangent`` on y, and on the side outputs either their
         cotangents (``sides``) or zeros: within the iterations they entered ``a`` once already."""
-        n = len(self.prog.layers)
-        side = self.side_cotangents if sides else [
-            self.like.new_zeros((n, *shape), dtype=dtype) for shape, dtype in self.saved.tangents[1:]]
+        side = self.side_cotangents if sides else self.zero_side_cotangents
         return self.saved.batched_backward(wanted, self.broadcast)(*self.values, cotangent, *side)
 
     def side_output_cotangents(self, grads: Sequence[torch.Tensor | None], offsets: Sequence[int]) -> torch.Tensor | None:
