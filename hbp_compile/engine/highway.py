@@ -258,6 +258,12 @@ class _BatchedGroup:
         (v,) = torch.autograd.grad(self.y, self.x_g, cotangent, retain_graph=True, allow_unused=True)
         return torch.zeros_like(self.x_g) if v is None else v
 
+    def release_iteration_graph(self) -> None:
+        """Compiled, drop the states-only forward once the iterations are done: its saved activations
+        are freed before the weight forward saves its own, so the two never add up in the peak."""
+        if self.separate_weights:
+            self.y, self.side, self.like = None, (), None
+
     def side_grads(self, cotangent: torch.Tensor) -> list[tuple[torch.Tensor, int | tuple[int, ...]]]:
         if not self.grad_leaves:
             return []
@@ -344,6 +350,8 @@ class HighwayChain(torch.autograd.Function):
                 if dx is not None:
                     scatter_add_(a, b.prog.inputs, dx)
             w = _highway_iterations(program, batched, a)
+            for b in batched:
+                b.release_iteration_graph()
             grads: list[torch.Tensor | None] = [None] * len(sides)
             for b in batched:
                 for g, where in b.side_grads(gather(w, b.prog.outputs)):

@@ -91,6 +91,9 @@ def partition_split_layer(split_fn: fx.GraphModule, example: Sequence[torch.Tens
     with outside_dynamo_tracing():
         joint_gm = make_fx(joint, tracing_mode="fake")(primals, tangent_values)
     forward, backward = default_partition(joint_gm, None, num_fwd_outputs=len(outputs))
+    # The partitioner returns lazily compiled graph modules, whose first-call `_lazy_forward` dynamo
+    # refuses to trace (it skips torch.fx): plain GraphModules have their code from the start.
+    forward, backward = fx.GraphModule(forward, forward.graph), fx.GraphModule(backward, backward.graph)
     tangents = tuple((outputs[i].shape, outputs[i].dtype) for i in differentiable)
     return SavedLayer(forward, backward, len(outputs), tangents, backend)
 
@@ -144,6 +147,9 @@ class SavedGroup:
     def block_vjp(self, cotangent: torch.Tensor) -> torch.Tensor:
         (v,) = self._grads((1,), cotangent)
         return torch.zeros_like(self.like) if v is None else v
+
+    def release_iteration_graph(self) -> None:
+        """Nothing to free: the kept values serve the weight gradients too."""
 
     def side_grads(self, cotangent: torch.Tensor) -> list[tuple[torch.Tensor, int | tuple[int, ...]]]:
         if not self.leaves:
