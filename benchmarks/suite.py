@@ -1,12 +1,12 @@
 """The benchmark suite: every workload of ``workloads.py`` under every method, in one run.
 
-Run: python -m benchmarks [--quick] [--only NAME...] [--repeats 5] [--no-write]
+Run: python -m benchmarks [--quick] [--only NAME...] [--repeats 9] [--no-write]
 
-Methods: eager backprop, torch.compile backprop, fixed-point iteration (γ = 1, k = 3), and HBP at
-k in (0, 1, 3, 10) (Inductor; the workload's γ). Per method: median step time / eager backprop's
-(measured in this run), first-call time (compilation included), peak memory of a training step / eager
-backprop's (CUDA ``max_memory_allocated``, or torch.profiler's CPU memory timeline), and the cosine
-similarity of the parameter gradient to the exact one on the same batch.
+Methods: eager backprop, torch.compile backprop, fixed-point iteration (γ = 1, k = 3), HBP at k in
+(0, 1, 3, 10) (Inductor; the workload's γ) and HBP k=3 with ``recompute=False``. Per method: median
+step time / eager backprop's (measured in this run), first-call time (compilation included), peak
+memory of a training step / eager backprop's (CUDA ``max_memory_allocated``, or torch.profiler's CPU
+memory timeline), and the cosine similarity of the parameter gradient to the exact one on the same batch.
 
 Writes the tables into docs/benchmarks.md (between the ``suite`` markers) and the plots
 docs/img/bench_time_vs_k.png and docs/img/bench_cosine_vs_k.png.
@@ -52,9 +52,11 @@ def methods(workload: Workload, ks=HBP_KS) -> list[tuple[str, int | None, object
     """(name, k, wrap) triples; ``wrap(model)`` returns what a training step calls."""
     out = [("eager backprop", None, lambda m: m), ("torch.compile backprop", None, torch.compile)]
     out.append(("fixed point (γ=1, k=3)", 3, lambda m: hbp_compile(m, k=3, gamma=1.0)))
+    gamma = f", γ={workload.gamma}" if workload.gamma else ""
     for k in ks:
-        out.append((f"HBP k={k}" + (f", γ={workload.gamma}" if workload.gamma else ""), k,
-                    lambda m, k=k: hbp_compile(m, k=k, gamma=workload.gamma)))
+        out.append((f"HBP k={k}{gamma}", k, lambda m, k=k: hbp_compile(m, k=k, gamma=workload.gamma)))
+    out.append((f"HBP k=3{gamma}, recompute=False", 3,
+                lambda m: hbp_compile(m, k=3, gamma=workload.gamma, recompute=False)))
     return out
 
 
@@ -178,7 +180,7 @@ def plots(rows: list[Row], selected: list[Workload], out_dir: Path) -> list[Path
             if not mine:
                 continue
             base = next(r for r in mine if r.method == "eager backprop")
-            hbp = sorted((r for r in mine if r.method.startswith("HBP")), key=lambda r: r.k)
+            hbp = sorted((r for r in mine if r.method.startswith("HBP") and "recompute" not in r.method), key=lambda r: r.k)
             ys = [r.step_s / base.step_s if metric == "time" else r.cosine for r in hbp]
             ax.plot([r.k for r in hbp], ys, marker="o", label=workload.name[:40])
         if metric == "time":
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=None, help="workloads whose name contains one of these")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--ks", type=int, nargs="+", default=list(HBP_KS))
     parser.add_argument("--quick", action="store_true", help="the first workload only, 2 repeats, no docs written")
     parser.add_argument("--no-write", action="store_true", help="print the tables, leave docs/ as it is")
