@@ -1,6 +1,6 @@
 """The benchmark suite: every workload of ``workloads.py`` under every method, in one run.
 
-Run: python -m benchmarks [--quick] [--only NAME...] [--repeats 9] [--no-write]
+Run: python -m benchmarks [--quick] [--only NAME...] [--repeats 9] [--no-write] [--replot]
 
 Methods: eager backprop, torch.compile backprop, fixed-point iteration (γ = 1, k = 3), HBP at k in
 (0, 1, 3, 10) (Inductor; the workload's γ) and HBP k=3 with ``recompute=False``. Per method: median
@@ -158,6 +158,29 @@ def markdown(rows: list[Row], selected: list[Workload], device: str, repeats: in
     return "\n".join(lines)
 
 
+def rows_from_markdown(text: str) -> list[Row]:
+    """The rows of tables that ``markdown`` wrote, back from the page (``--replot`` redraws the plots
+    from the numbers the page holds). Memory comes back as the ratio to eager backprop.
+
+    >>> w = workloads()[0]
+    >>> rows = [Row(w.name, "eager backprop", None, 0.01, 0.1, 10.0, 1.0), Row(w.name, "HBP k=3", 3, 0.02, 2.0, 15.0, 0.99)]
+    >>> [(r.method, r.k, round(r.step_s, 4), r.peak_bytes) for r in rows_from_markdown(markdown(rows, [w], "cpu", 5))]
+    [('eager backprop', None, 0.01, 1.0), ('HBP k=3', 3, 0.02, 1.5)]
+    """
+    rows, workload = [], ""
+    for line in text.splitlines():
+        if line.startswith("### "):
+            workload = line[4:].strip()
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(cells) != 6 or cells[0] == "method" or cells[1].startswith("failed"):
+            continue
+        method, step_ms, _, first, peak, cosine = cells
+        k = re.search(r"\bk=(\d+)", method)
+        rows.append(Row(workload, method, int(k.group(1)) if k else None, float(step_ms) / 1e3, float(first),
+                        float(peak), float(cosine)))
+    return rows
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -174,7 +197,8 @@ def plots(rows: list[Row], selected: list[Workload], out_dir: Path) -> list[Path
     paths = []
     for metric, label, fname in [("time", "step time / eager backprop", "bench_time_vs_k.png"),
                                  ("cosine", "gradient cosine to exact", "bench_cosine_vs_k.png")]:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(7, 5.2))
+        ks: set[int] = set()
         for workload in selected:
             mine = [r for r in rows if r.workload == workload.name]
             if not mine:
@@ -182,16 +206,19 @@ def plots(rows: list[Row], selected: list[Workload], out_dir: Path) -> list[Path
             base = next(r for r in mine if r.method == "eager backprop")
             hbp = sorted((r for r in mine if r.method.startswith("HBP") and "recompute" not in r.method), key=lambda r: r.k)
             ys = [r.step_s / base.step_s if metric == "time" else r.cosine for r in hbp]
-            ax.plot([r.k for r in hbp], ys, marker="o", label=workload.name[:40])
+            ax.plot([r.k for r in hbp], ys, marker="o", label=workload.name)
+            ks.update(r.k for r in hbp)
         if metric == "time":
-            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+            ax.axhline(1.0, color="gray", lw=0.8, ls="--", label="eager backprop")
         ax.set_xlabel("k (Highway-BP iterations)")
         ax.set_ylabel(label)
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
         fig.tight_layout()
-        fig.savefig(out_dir / fname, dpi=120)
+        fig.savefig(out_dir / fname, dpi=120, bbox_inches="tight")
         plt.close(fig)
         paths.append(out_dir / fname)
     return paths
@@ -216,7 +243,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warm-cache", action="store_true",
                         help="use Inductor's usual on-disk cache (default: a fresh one, so first calls compile)")
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw the plots from the tables in docs/benchmarks.md, measure nothing")
     args = parser.parse_args(argv)
+    if args.replot:
+        rows = rows_from_markdown((ROOT / "docs" / "benchmarks.md").read_text())
+        named = {r.workload for r in rows}
+        for path in plots(rows, [w for w in workloads() if w.name in named], ROOT / "docs" / "img"):
+            print(f"plot: {path.relative_to(ROOT)}")
+        return
     if not args.warm_cache:
         # Inductor reads the variable when it first needs its cache: no compilation has happened yet
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="hbp_bench_inductor_")

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.suite import Row, markdown, write_section  # noqa: E402
+from benchmarks.suite import Row, markdown, rows_from_markdown, write_section  # noqa: E402
 from benchmarks.workloads import workloads  # noqa: E402
 
 
@@ -30,6 +30,17 @@ def test_markdown_reports_ratios_to_eager_backprop_and_failures():
     text = markdown(rows, [w], "cpu", 5)
     assert "| HBP k=1 | 5.0 | 0.50 | 2.0 | 1.50 | 0.9900 |" in text
     assert "failed: RuntimeError: boom" in text
+
+
+def test_replot_reads_back_the_numbers_the_page_holds():
+    w = workloads()[0]
+    rows = [Row(w.name, "eager backprop", None, 0.010, 0.1, 1000.0, 1.0),
+            Row(w.name, "HBP k=10, γ=0.2, recompute=False", 10, 0.025, 2.0, 1500.0, 0.9986),
+            Row(w.name, "HBP k=3", 3, float("nan"), 0, 0, 0, error="RuntimeError: boom")]
+    back = rows_from_markdown("intro\n" + markdown(rows, [w], "cpu", 5))
+    assert [(r.workload, r.method, r.k) for r in back] == [(w.name, "eager backprop", None),
+                                                           (w.name, rows[1].method, 10)]
+    assert back[1].step_s == pytest.approx(0.025) and back[1].peak_bytes == 1.5 and back[1].cosine == 0.9986
 
 
 @pytest.mark.parametrize("script,args", [
