@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import re
-import statistics
 import tempfile
 import time
 import warnings
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from hbp_compile import hbp_compile
 
+from .timing import median_seconds
 from .workloads import Workload, workloads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,14 +97,10 @@ def measure(workload: Workload, name: str, k: int | None, wrap, repeats: int, de
     _step(fn, model, workload, batch, device)
     first = time.perf_counter() - start
     _step(fn, model, workload, batch, device)  # warm: a second call may still specialise
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _step(fn, model, workload, batch, device)
-        times.append(time.perf_counter() - start)
+    step_s = median_seconds(lambda: _step(fn, model, workload, batch, device), repeats)
     cosine = torch.nn.functional.cosine_similarity(_grads(model).double(), exact.double(), dim=0).item()
     peak = _peak_memory(fn, model, workload, batch, device)
-    return Row(workload.name, name, k, statistics.median(times), first, peak, cosine)
+    return Row(workload.name, name, k, step_s, first, peak, cosine)
 
 
 def run(selected: list[Workload], repeats: int, device: str, ks=HBP_KS) -> list[Row]:
