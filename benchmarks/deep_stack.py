@@ -8,12 +8,13 @@ the backward). With --backend inductor, torch.compile backprop is measured too.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 import torch.nn as nn
 
 from hbp_compile import hbp_compile
-from timing import median_seconds  # this script's folder is on sys.path
 from workloads import PreLNBlock  # x + fc2(gelu(fc1(LN(x)))); this script's folder is on sys.path
 
 
@@ -36,7 +37,12 @@ def step_time(fn, x, repeats: int, device: str) -> float:
 
     for _ in range(3):  # warm-up, includes the first-call capture
         step()
-    return median_seconds(step, repeats)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ each method's parameter gradient and the exact one.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -23,7 +24,6 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from hbp_compile import hbp_compile
-from timing import median_seconds  # this script's folder is on sys.path
 
 
 class SequenceModel(nn.Module):
@@ -100,7 +100,12 @@ def measure(fn, x, repeats: int, device: str, *, grad: bool = True) -> tuple[flo
     step()
     first = time.perf_counter() - start
     step()
-    return first, median_seconds(step, repeats)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
 
 
 def gradient(model: nn.Module, fn, x) -> torch.Tensor:

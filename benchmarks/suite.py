@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import re
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -29,7 +33,6 @@ from tqdm import tqdm
 
 from hbp_compile import hbp_compile
 
-from .timing import median_seconds
 from .workloads import Workload, workloads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,43 +100,62 @@ def measure(workload: Workload, name: str, k: int | None, wrap, repeats: int, de
     _step(fn, model, workload, batch, device)
     first = time.perf_counter() - start
     _step(fn, model, workload, batch, device)  # warm: a second call may still specialise
-    step_s = median_seconds(lambda: _step(fn, model, workload, batch, device), repeats)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _step(fn, model, workload, batch, device)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
     cosine = torch.nn.functional.cosine_similarity(_grads(model).double(), exact.double(), dim=0).item()
     peak = _peak_memory(fn, model, workload, batch, device)
     return Row(workload.name, name, k, step_s, first, peak, cosine)
 
 
 def run(selected: list[Workload], repeats: int, device: str, ks=HBP_KS) -> list[Row]:
+    """Every (workload, method) pair, each in a process of its own.
+
+    One process per pair keeps what a method leaves behind (dynamo and Inductor state, the
+    allocator's, threads) out of the next one's timings, and gives every first call a fresh process.
+    The processes share the run's Inductor cache directory, so a method compiling graphs that another
+    already compiled reuses them, as a user changing k would.
+    """
     rows = []
-    jobs = [(w, m) for w in selected for m in methods(w, ks)]
+    jobs = [(w, name, k) for w in selected for name, k, _ in methods(w, ks)]
     progress = tqdm(jobs, desc="benchmarks", unit="run")
-    inits: dict[str, tuple] = {}
-    for workload, (name, k, wrap) in progress:
+    for workload, name, k in progress:
         progress.set_postfix_str(f"{workload.name[:28]} | {name}")
-        if workload.name not in inits:
-            torch.manual_seed(0)
-            init = workload.make_model().to(device).train()
-            batch = tuple(t.to(device) for t in workload.make_batch(torch.Generator().manual_seed(0)))
-            reference = copy.deepcopy(init)
-            _step(reference, reference, workload, batch, device)
-            inits[workload.name] = (init, batch, _grads(reference))
-        init, batch, exact = inits[workload.name]
-        torch._dynamo.reset()
-        try:
-            rows.append(measure(workload, name, k, wrap, repeats, device, exact, init, batch))
-        except Exception as exc:  # noqa: BLE001 - one failing method must not lose the whole run
+        command = [sys.executable, "-m", "benchmarks.suite", "--one", workload.name, name,
+                   "--repeats", str(repeats), "--device", device, "--ks", *map(str, ks)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode == 0:
+            rows.append(Row(**json.loads(done.stdout.strip().splitlines()[-1])))
+        else:  # one failing method must not lose the whole run
             nan = float("nan")
-            rows.append(Row(workload.name, name, k, nan, nan, nan, nan, f"{type(exc).__name__}: {exc}"[:200]))
-            tqdm.write(f"{workload.name} | {name}: {rows[-1].error}")
+            error = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            rows.append(Row(workload.name, name, k, nan, nan, nan, nan, error))
+            tqdm.write(f"{workload.name} | {name}: {error}")
     return rows
+
+
+def run_one(workload_name: str, method_name: str, repeats: int, device: str, ks=HBP_KS) -> Row:
+    """One method on one workload, in this process (the child of ``run``)."""
+    workload = next(w for w in workloads() if w.name == workload_name)
+    _, k, wrap = next(m for m in methods(workload, ks) if m[0] == method_name)
+    torch.manual_seed(0)
+    init = workload.make_model().to(device).train()
+    batch = tuple(t.to(device) for t in workload.make_batch(torch.Generator().manual_seed(0)))
+    reference = copy.deepcopy(init)
+    _step(reference, reference, workload, batch, device)
+    return measure(workload, method_name, k, wrap, repeats, device, _grads(reference), init, batch)
 
 
 def markdown(rows: list[Row], selected: list[Workload], device: str, repeats: int) -> str:
     cache = "a warm" if "hbp_bench_inductor_" not in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "") else "an empty"
     lines = [f"Measured by `python -m benchmarks` on {device_name(device)}, torch {torch.__version__}, "
              f"float32, median of {repeats} steps. Ratios are to eager backprop in the same run. The run started "
-             f"with {cache} Inductor cache; within a run, methods that compile the same graphs (HBP at another "
-             "k) reuse its entries, as a user changing k would.", ""]
+             f"with {cache} Inductor cache. Each method runs in a process of its own; the processes share the "
+             "run's Inductor cache, so methods that compile the same graphs (HBP at another k) reuse its "
+             "entries, as a user changing k would.", ""]
     for workload in selected:
         mine = [r for r in rows if r.workload == workload.name]
         if not mine:
@@ -239,9 +261,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warm-cache", action="store_true",
                         help="use Inductor's usual on-disk cache (default: a fresh one, so first calls compile)")
+    parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--replot", action="store_true",
                         help="redraw the plots from the tables in docs/benchmarks.md, measure nothing")
     args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(dataclasses.asdict(run_one(*args.one, args.repeats, args.device, tuple(args.ks)))))
+        return
     if args.replot:
         rows = rows_from_markdown((ROOT / "docs" / "benchmarks.md").read_text())
         named = {r.workload for r in rows}
@@ -263,3 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         write_section(ROOT / "docs" / "benchmarks.md", text)
         for path in plots(rows, selected, ROOT / "docs" / "img"):
             print(f"plot: {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.suite import Row, markdown, rows_from_markdown, write_section  # noqa: E402
+from benchmarks.suite import Row, markdown, rows_from_markdown, run_one, write_section  # noqa: E402
 from benchmarks.workloads import workloads  # noqa: E402
 
 
@@ -30,6 +30,12 @@ def test_markdown_reports_ratios_to_eager_backprop_and_failures():
     text = markdown(rows, [w], "cpu", 5)
     assert "| HBP k=1 | 5.0 | 0.50 | 2.0 | 1.50 | 0.9900 |" in text
     assert "failed: RuntimeError: boom" in text
+
+
+def test_one_method_measured_in_its_own_process_reports_a_row():
+    row = run_one(workloads()[0].name, "eager backprop", 2, "cpu")
+    assert row.error == "" and row.step_s > 0 and row.peak_bytes > 0
+    assert row.cosine == pytest.approx(1.0)
 
 
 def test_replot_reads_back_the_numbers_the_page_holds():

@@ -186,7 +186,8 @@ class _BatchedGroup:
     Compiled, the forward runs twice: once with only the states requiring grad, for the k+1 block
     VJPs (a compiled backward computes the gradient of every input that requires one, so weights
     there would cost a weight gradient per iteration), and once with the weights, for their gradient.
-    Eager autograd computes only what is asked for, so one forward serves both.
+    Eager autograd computes only what is asked for, so one forward serves both. The states-only
+    forward runs on first use: at k = 0 on identity residuals nothing needs it, and it is skipped.
     """
 
     def __init__(self, prog: GroupProgram, states: Sequence[torch.Tensor], sides: Sequence[torch.Tensor],
@@ -216,10 +217,28 @@ class _BatchedGroup:
                 self.grad_leaves.append((args[p], i))
         self.args = args
         self.replay = [torch.stack([draws[p][j] for p in prog.layers]) for j in range(prog.num_draws)]
-        frozen = [a.detach() for a in args] if self.separate_weights else args
-        self.y, self.side = self._split(self.forward(self.x_r, self.x_g, *frozen, *self.replay))
-        self.like = self.y
+        self._states_graph: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
         self.side_pairs: list[tuple[int, torch.Tensor]] = []  # (side output, its cotangent)
+
+    def _states_forward(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        if self._states_graph is None:
+            frozen = [a.detach() for a in self.args] if self.separate_weights else self.args
+            self._states_graph = self._split(self.forward(self.x_r, self.x_g, *frozen, *self.replay))
+        return self._states_graph
+
+    @property
+    def y(self) -> torch.Tensor:
+        """The stacked layer outputs of the states-only forward (run on first use)."""
+        return self._states_forward()[0]
+
+    @property
+    def side(self) -> tuple[torch.Tensor, ...]:
+        return self._states_forward()[1]
+
+    @property
+    def like(self) -> torch.Tensor:
+        """A stacked state: shape, dtype and device of the group's cotangents."""
+        return self.x_g
 
     def _split(self, out: object) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         return (out[0], tuple(out[1:])) if self.prog.side_differentiable else (out, ())  # type: ignore[index]
@@ -230,11 +249,11 @@ class _BatchedGroup:
         A side output read by the loss (a returned KV cache) adds ``c · ∂s_p/∂h_p`` to the cotangent
         of its layer's input state, like a tap, and ``c · ∂s_p/∂θ_p`` to the weight gradients.
         """
-        for j, (value, differentiable) in enumerate(zip(self.side, self.prog.side_differentiable)):
+        for j, differentiable in enumerate(self.prog.side_differentiable):
             given = [(i, grads[offsets[p] + j]) for i, p in enumerate(self.prog.layers)]
             if not differentiable or all(g is None for _, g in given):
                 continue
-            cot = torch.zeros_like(value)
+            cot = torch.zeros_like(self.side[j])
             for i, g in given:
                 if g is not None:
                     cot[i] = g
@@ -248,9 +267,9 @@ class _BatchedGroup:
     def residual_jacobian(self) -> torch.Tensor:
         """Diagonal of K for every layer of the group (r is elementwise in x, so a VJP with ones)."""
         if self.prog.kind is ResidualKind.IDENTITY:
-            return torch.ones_like(self.y)
+            return torch.ones_like(self.like)
         if self.prog.kind is ResidualKind.ZERO:
-            return torch.zeros_like(self.y)
+            return torch.zeros_like(self.like)
         (k,) = torch.autograd.grad(self.y, self.x_r, torch.ones_like(self.y), retain_graph=True)
         return k
 
@@ -262,14 +281,15 @@ class _BatchedGroup:
         """Compiled, drop the states-only forward once the iterations are done: its saved activations
         are freed before the weight forward saves its own, so the two never add up in the peak."""
         if self.separate_weights:
-            self.y, self.side, self.like = None, (), None
+            self._states_graph = None
 
     def side_grads(self, cotangent: torch.Tensor) -> list[tuple[torch.Tensor, int | tuple[int, ...]]]:
         if not self.grad_leaves:
             return []
-        y, side = self.y, self.side
         if self.separate_weights:
             y, side = self._split(self.forward(self.x_r.detach(), self.x_g.detach(), *self.args, *self.replay))
+        else:
+            y, side = self._states_forward()
         outputs = [y] + [side[j] for j, _ in self.side_pairs]
         cotangents = [cotangent] + [c for _, c in self.side_pairs]
         grads = torch.autograd.grad(outputs, [leaf for leaf, _ in self.grad_leaves], cotangents, allow_unused=True)
