@@ -27,7 +27,7 @@ from .layer_graphs import differentiable_side_outputs, layer_graph, random_nodes
 from .iterate import IterationUsage, run_iterations
 from .layout import Plan, StateRuns, gather, scatter_add_
 from .saved import SavedGroup, SavedLayer, partition_split_layer
-from .scans import ReverseLinearScan, apply_reverse_products, flush_denormals, reverse_cumsum
+from .scans import ResidualScan
 
 
 @dataclass(frozen=True)
@@ -108,12 +108,6 @@ class ChainProgram:
     backend: str = "eager"
     tol: float = 0.0  # > 0: k="auto", stop when the relative change of w falls to tol (engine/iterate.py)
     usage: IterationUsage = field(default_factory=IterationUsage, compare=False, repr=False)
-
-    @cached_property
-    def scan_kernels(self) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
-        """(reverse cumsum, the levels of a reverse linear scan), compiled once per chain."""
-        return (compile_function(reverse_cumsum, self.backend, "hbp_reverse_cumsum"),
-                compile_function(apply_reverse_products, self.backend, "hbp_reverse_scan"))
 
     @property
     def identity_residual(self) -> bool:
@@ -361,7 +355,7 @@ class HighwayChain(torch.autograd.Function):
                 r, offset = runs.locate(state)
                 a[r][offset] += g
         grad_side_outputs = grad_rest[len(program.taps):]
-        with torch.enable_grad(), flush_denormals():
+        with torch.enable_grad():
             batched = [_group_backward(program, gi, states, sides, sides_need_grad, draws, kept, ctx.partitions)
                        for gi in range(len(program.groups))]
             offsets = program.side_offsets()
@@ -404,9 +398,9 @@ def _group_backward(program: ChainProgram, group: int, states: Sequence[torch.Te
     return SavedGroup(prog, partitions[group], per_layer, sides_need_grad, like)
 
 
-def _run_scans(program: ChainProgram, batched: Sequence[_BatchedGroup]) -> list[Callable]:
-    """One scan per run of states: a cumsum where every K is the identity, else Hillis–Steele with the
-    diagonal K of each layer placed at its input state's offset in the run."""
+def _run_scans(program: ChainProgram, batched: Sequence[_BatchedGroup]) -> list[ResidualScan]:
+    """One scan per run of states, built once per backward: K = I (a cumulative sum) where every layer
+    of the run has an identity residual, else the diagonal K of each layer at its input state's offset."""
     runs, gamma = program.state_runs.runs, program.gamma
     k_diag: dict[int, torch.Tensor] = {}
     for b in batched:
@@ -419,14 +413,9 @@ def _run_scans(program: ChainProgram, batched: Sequence[_BatchedGroup]) -> list[
                 k_diag[r] = k.new_ones((last - first, *k.shape[1:]))
             k_diag[r][list(offsets)] = k[start: start + len(offsets)]
             start += len(offsets)
-    like = batched[0].like  # the scalar-K scans (γ-split of identity layers) share its dtype and device
-    cumsum, levels = program.scan_kernels
-    # built once per backward: their products are reused by every iteration's scan
     return [
-        ReverseLinearScan((1.0 - gamma) * k_diag[r], levels) if r in k_diag
-        else cumsum if gamma == 0
-        else ReverseLinearScan(torch.full((last - first,) + (1,) * (like.dim() - 1), 1.0 - gamma,
-                                          dtype=like.dtype, device=like.device), levels)
+        ResidualScan((1.0 - gamma) * k_diag[r] if r in k_diag else None if gamma == 0 else 1.0 - gamma,
+                     last - first + 1)
         for r, (first, last) in enumerate(runs)
     ]
 
@@ -436,9 +425,14 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[_BatchedGroup],
     gamma = program.gamma
     scans = _run_scans(program, batched)
     residual_k = {id(b): b.residual_jacobian().detach() for b in batched} if gamma else {}
+    a = [ar.contiguous() for ar in a]
+    v = [torch.empty_like(ar) for ar in a]
+    # iterate j+1 is written while iterate j is read: two buffers per run, taken in turns
+    buffers = [[torch.empty_like(ar), torch.empty_like(ar)] for ar in a]
 
     def step(w: list) -> list:
-        v = [torch.zeros_like(ar) for ar in a]
+        for vr in v:
+            vr.zero_()
         for b in batched:
             cot = gather(w, b.prog.outputs)
             vb = b.block_vjp(cot)
@@ -446,7 +440,8 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[_BatchedGroup],
                 # γ-split: the γ·K part of the residual moves into the block (HIGHWAY_BP.md §1).
                 vb = vb + gamma * residual_k[id(b)] * cot
             scatter_add_(v, b.prog.inputs, vb)
-        return [scan(ar + vr) for scan, ar, vr in zip(scans, a, v)]
+        return [scan(ar, vr, out=pair[0] if pair[0] is not wr else pair[1])
+                for scan, ar, vr, wr, pair in zip(scans, a, v, w, buffers)]
 
     w, used = run_iterations([scan(ar) for scan, ar in zip(scans, a)], step,
                              max_iterations=min(program.k, program.num_layers), tol=program.tol)

@@ -1,15 +1,20 @@
-"""The accumulation along the residual path: ``w_i = c_i + w_{i+1} K_{i+1}``, ``w_L = c_L``.
+"""The accumulation along the residual path: ``w_i = c_i + v_i + K_{i+1} w_{i+1}``, ``w_L = c_L + v_L``.
 
-With ``K = I`` this is a reversed cumulative sum. With a scalar or diagonal ``K`` it is the linear
-recurrence that Hillis–Steele scans in ⌈log2(L+1)⌉ steps of O(L) work with the associative operator
-``(u, P) ∘ (u', P') = (u + u'·P, P'·P)`` (HIGHWAY_BP.md §4).
+With ``K = I`` this is a reversed cumulative sum; with a scalar or diagonal ``K`` a linear recurrence
+(HIGHWAY_BP.md §4). ``ResidualScan`` is built once per backward with its ``K`` and applied once per
+Highway-BP iteration:
+
+* on the CPU (float32/float64), one sequential O(n) pass of a small C kernel
+  (``engine/native_scan.py``): it reads each operand once, adds the iteration's block VJP ``v`` on
+  the way, and keeps nothing between calls;
+* elsewhere (CUDA, other dtypes, no C compiler), log-depth torch ops: ``cumsum`` for ``K = I``, and
+  Hillis–Steele with ``K``'s running products computed once per backward for the others.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-
 import torch
+
+from . import native_scan
 
 
 def reverse_cumsum(c: torch.Tensor) -> torch.Tensor:
@@ -18,86 +23,85 @@ def reverse_cumsum(c: torch.Tensor) -> torch.Tensor:
     >>> reverse_cumsum(torch.tensor([1., 2., 3.]))
     tensor([6., 5., 3.])
     """
+    if native_scan.available(c):
+        c = c.contiguous()
+        out = torch.empty_like(c)
+        native_scan.reverse_scan_into(out, c, None, None)
+        return out
     return c.flip(0).cumsum(0).flip(0)
 
 
 def linear_scan(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``y_0 = b_0`` and ``y_t = b_t + a_t · y_{t-1}`` along dim 0, by Hillis–Steele (``a_0`` is unused).
+    """``y_0 = b_0`` and ``y_t = b_t + a_t · y_{t-1}`` along dim 0 (``a_0`` is unused).
 
     >>> linear_scan(torch.tensor([1., 1., 1.]), torch.tensor([0., 2., 3.]))
     tensor([ 1.,  3., 10.])
     """
-    n = b.shape[0]
-    offset = 1
-    while offset < n:
-        b = torch.cat([b[:offset], b[offset:] + a[offset:] * b[:-offset]], dim=0)
-        a = torch.cat([a[:offset], a[offset:] * a[:-offset]], dim=0)
-        offset *= 2
-    return b
+    return ResidualScan(a[1:].flip(0), b.shape[0])(b.flip(0)).flip(0)
 
 
-class ReverseLinearScan:
-    """``w_i = c_i + w_{i+1} · k_i`` (``w_L = c_L``) for many ``c`` with the same ``k``, by Hillis–Steele.
+class ResidualScan:
+    """``w_i = c_i + v_i + k_i · w_{i+1}`` (``w_{n-1} = c_{n-1} + v_{n-1}``) for many ``(c, v)``, one ``k``.
 
-    The running products of ``k`` at each of the ⌈log2(L+1)⌉ levels depend on ``k`` only, so they are
-    computed once and reused by every scan of a backward (one per Highway-BP iteration). Each level
-    is one fused multiply-add on the state tensor, done in place: no concatenations.
+    ``k`` is None (K = I), a float (one scalar for every layer), or a tensor of ``n - 1`` rows that
+    broadcasts against ``c[1:]`` (``k[i]`` multiplies ``w[i+1]``: layer ``i+1``'s residual Jacobian).
+    ``v`` (the block VJPs of an iteration) may have fewer rows than ``c``; missing rows add nothing.
 
-    >>> scan = ReverseLinearScan(torch.tensor([2., 3.]))
+    >>> scan = ResidualScan(torch.tensor([2., 3.]), 3)
     >>> scan(torch.tensor([1., 1., 1.]))
     tensor([9., 4., 1.])
+    >>> scan(torch.tensor([1., 1., 1.]), v=torch.tensor([0., 1.]))
+    tensor([11.,  5.,  1.])
     """
 
-    def __init__(self, k: torch.Tensor, kernel: Callable[..., torch.Tensor] | None = None):
-        # products[level][i] = Π k over [i, i + 2^level) (zero past the end): what w[i + 2^level] is
-        # multiplied by when it is added to w[i] at that level. Long products of gates in (0, 1)
-        # underflow into subnormal numbers, which are slow on CPUs: see ``flush_denormals``.
-        step = torch.cat([k, torch.zeros_like(k[:1])], dim=0)
-        self.products = []
+    def __init__(self, k: torch.Tensor | float | None, n: int):
+        self.n = n
+        self.k = k
+        self._products: list[torch.Tensor] | None = None  # Hillis–Steele levels, made on first use
+
+    def __call__(self, c: torch.Tensor, v: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        if native_scan.available(c) and (not isinstance(self.k, torch.Tensor) or self.k.dtype == c.dtype):
+            c = c.contiguous()
+            v = None if v is None else v.contiguous()
+            out = torch.empty_like(c) if out is None else out
+            native_scan.reverse_scan_into(out, c, v, self._dense_k(c))
+            return out
+        if v is not None:
+            c = c.clone()
+            c[: v.shape[0]] += v
+        if self.k is None:
+            return c.flip(0).cumsum(0).flip(0)
+        w = c.clone()
         offset = 1
-        while offset < step.shape[0]:
-            previous = step
-            self.products.append(previous[: previous.shape[0] - offset])
-            step = previous.clone()
-            step[:-offset] *= previous[offset:]
+        for product in self._levels(c):
+            w[:-offset] += product * w[offset:]
             offset *= 2
+        return w
 
-        self.kernel = kernel or apply_reverse_products
+    def _dense_k(self, c: torch.Tensor) -> torch.Tensor | float | None:
+        if isinstance(self.k, torch.Tensor) and (self.k.shape != c[1:].shape or not self.k.is_contiguous()):
+            self.k = self.k.expand_as(c[1:]).contiguous()
+        return self.k
 
-    def __call__(self, c: torch.Tensor) -> torch.Tensor:
-        return self.kernel(c, *self.products)
-
-
-def apply_reverse_products(c: torch.Tensor, *products: torch.Tensor) -> torch.Tensor:
-    """The levels of a reverse Hillis–Steele scan, given its products (what Inductor compiles)."""
-    w = c.clone()
-    offset = 1
-    for product in products:
-        w[:-offset] += product * w[offset:]
-        offset *= 2
-    return w
-
-
-@contextlib.contextmanager
-def flush_denormals() -> Iterator[None]:
-    """Treat subnormal floats as zero on the CPU for the duration (restoring the caller's mode).
-
-    The scans multiply long runs of gate values in (0, 1); their products underflow into subnormal
-    numbers, and arithmetic on those is one to two orders of magnitude slower on x86 CPUs. They are
-    below every float's resolution relative to the values they scale, so flushing them to zero
-    changes no result that matters (the float64 exactness tests run under it).
-    """
-    probe = torch.tensor(1e-39, dtype=torch.float32)  # subnormal in float32
-    was_on = (probe * 1.0).item() == 0.0
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(was_on)
+    def _levels(self, c: torch.Tensor) -> list[torch.Tensor]:
+        # products[level][i] = Π k over [i, i + 2^level) (zero past the end): what w[i + 2^level] is
+        # multiplied by when it is added to w[i] at that level.
+        if self._products is None:
+            k = self.k if isinstance(self.k, torch.Tensor) else torch.full(
+                (self.n - 1,) + (1,) * (c.dim() - 1), float(self.k), dtype=c.dtype, device=c.device)
+            step = torch.cat([k, torch.zeros_like(k[:1])], dim=0)
+            self._products, offset = [], 1
+            while offset < step.shape[0]:
+                previous = step
+                self._products.append(previous[: previous.shape[0] - offset])
+                step = previous.clone()
+                step[:-offset] *= previous[offset:]
+                offset *= 2
+        return self._products
 
 
 def reverse_linear_scan(c: torch.Tensor, k: torch.Tensor | float) -> torch.Tensor:
-    """``w_i = c_i + w_{i+1} · k_i`` for ``i < L`` and ``w_L = c_L``, by Hillis–Steele.
+    """``w_i = c_i + w_{i+1} · k_i`` for ``i < L`` and ``w_L = c_L``.
 
     ``c`` has ``L+1`` entries along dim 0; ``k`` has ``L`` (``k[i]`` multiplies ``w_{i+1}``, i.e. it is
     layer ``i+1``'s residual Jacobian) or is one scalar shared by all layers.
@@ -105,7 +109,4 @@ def reverse_linear_scan(c: torch.Tensor, k: torch.Tensor | float) -> torch.Tenso
     >>> reverse_linear_scan(torch.tensor([1., 1., 1.]), torch.tensor([2., 3.]))
     tensor([9., 4., 1.])
     """
-    n = c.shape[0]
-    if not isinstance(k, torch.Tensor):
-        k = torch.full((n - 1,) + (1,) * (c.dim() - 1), float(k), dtype=c.dtype, device=c.device)
-    return ReverseLinearScan(k)(c)
+    return ResidualScan(k if isinstance(k, torch.Tensor) else float(k), c.shape[0])(c)

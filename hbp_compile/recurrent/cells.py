@@ -14,10 +14,12 @@ GRU        ``u ⊙ h + (1 − u) ⊙ n``               ``diag(u)`` (update gate)
 LSTM       ``[f ⊙ c + i ⊙ g, o ⊙ tanh(c')]``     ``diag(f)`` on c, 0 on h
 =========  ===================================  ==========================
 
-The block's VJP is written out by hand (the chain rule through the gates, PyTorch's own gate
-equations and orders) instead of taken with autograd: the backward re-runs it ``k + 1`` times, and
-on a CPU its cost is memory traffic, which fewer temporaries cut. ``tests/test_recurrent.py`` checks
-it against autograd and against a sequential reference written from the module equations.
+**Cotangent-linear VJPs.** The block's VJP is linear in the cotangent ``w``: every activation
+derivative and gate it multiplies ``w`` by depends on the forward only. ``coefficients`` computes
+those once per backward, as per-gate tensors ``(T, B, G, H)``; a Highway-BP iteration then costs one
+multiply (``hidden_cotangent``) and one matmul with ``W_hh`` instead of re-deriving ~20 pointwise
+ops (DESIGN.md §5). ``tests/test_recurrent.py`` checks the result against autograd and against a
+sequential reference written from the module equations.
 """
 from __future__ import annotations
 
@@ -33,30 +35,38 @@ def _hidden_projection(h: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
 
 
 @dataclass
-class Gates:
-    """What one batched recompute of the steps keeps for the VJPs of a backward."""
+class Coefficients:
+    """What one batched recompute of the steps keeps for every VJP of a backward.
 
-    states: Tensor  # (T, m, B, H): the input state of every step
+    ``hidden[t, :, g]`` multiplies gate g's signal into the cotangent of ``gh = h W_hh^T + b_hh``;
+    ``input`` does the same for ``gi`` (None: equal to ``hidden``); ``direct`` (LSTM) multiplies the
+    cotangent of ``h'`` into that of the input cell state ``c`` through the block.
+    """
+
     k_diag: Tensor  # (T, m, B, H): the diagonal of K per step
-    saved: tuple[Tensor, ...]
+    hidden: Tensor  # (T, B, G, H)
+    input: Tensor | None = None
+    direct: Tensor | None = None
 
 
 class Cell:
-    """A recurrent cell: ``recompute`` the gates of all steps once, then ``vjp`` as often as needed."""
+    """A recurrent cell: its ``coefficients`` once per backward, then VJPs that are linear maps."""
 
     mode: str
     num_states: int
     num_gates: int
 
-    def recompute(self, states: Tensor, gi: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Gates:
+    def coefficients(self, states: Tensor, gi: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Coefficients:
         raise NotImplementedError
 
-    def vjp(self, gates: Gates, w: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
-        """The block VJP of cotangent ``w`` on the steps' outputs, as ``(d_c, d_gh, d_gi)``: the part
-        reaching LSTM's input cell state directly (else None), and the cotangents of the hidden and
-        input projections ``gh = h W_hh^T + b_hh`` and ``gi``. ``w·J`` on the hidden state is
-        ``d_gh @ W_hh``."""
-        raise NotImplementedError
+    def hidden_cotangent(self, coef: Coefficients, w: Tensor) -> Tensor:
+        """``∂/∂gh`` of cotangent ``w`` ``(T, m, B, H)`` on the steps' outputs, ``(T, B, G, H)``.
+        Its product with ``W_hh`` is ``w·J`` on the hidden state."""
+        return w[:, -1].unsqueeze(2) * coef.hidden
+
+    def input_cotangent(self, coef: Coefficients, w: Tensor, d_gh: Tensor) -> Tensor:
+        """``∂/∂gi`` of cotangent ``w``, given ``d_gh = hidden_cotangent(coef, w)``."""
+        return d_gh if coef.input is None else w[:, -1].unsqueeze(2) * coef.input
 
 
 class RNNCell(Cell):
@@ -65,61 +75,56 @@ class RNNCell(Cell):
     def __init__(self, mode: str):
         self.mode = mode
 
-    def recompute(self, states, gi, w_hh, b_hh):
+    def coefficients(self, states, gi, w_hh, b_hh):
         y = gi + _hidden_projection(states[:, 0], w_hh, b_hh)
-        y = torch.tanh(y) if self.mode == "rnn_tanh" else torch.relu(y)
-        return Gates(states, torch.zeros_like(states), (y,))
-
-    def vjp(self, gates, w):
-        (y,) = gates.saved
-        d_pre = w[:, 0] * (1 - y * y) if self.mode == "rnn_tanh" else w[:, 0] * (y > 0)
-        return None, d_pre, d_pre
+        slope = 1 - torch.tanh(y).square() if self.mode == "rnn_tanh" else (y > 0).to(y.dtype)
+        return Coefficients(torch.zeros_like(states), slope.unsqueeze(2))
 
 
 class GRUCell(Cell):
     mode, num_states, num_gates = "gru", 1, 3
 
-    def recompute(self, states, gi, w_hh, b_hh):
+    def coefficients(self, states, gi, w_hh, b_hh):
         gh = _hidden_projection(states[:, 0], w_hh, b_hh)
         i_r, i_z, i_n = gi.chunk(3, -1)
         h_r, h_z, h_n = gh.chunk(3, -1)
         reset = torch.sigmoid(i_r + h_r)
         update = torch.sigmoid(i_z + h_z)
         new = torch.tanh(torch.addcmul(i_n, reset, h_n))
-        return Gates(states, update.unsqueeze(1), (reset, update, new, h_n))
-
-    def vjp(self, gates, w):
-        reset, update, new, h_n = gates.saved
-        w = w[:, 0]
-        d_pre_n = w * (1 - update) * (1 - new * new)
-        d_pre_z = w * (gates.states[:, 0] - new) * update * (1 - update)
-        d_pre_r = d_pre_n * h_n * reset * (1 - reset)
-        return None, torch.cat([d_pre_r, d_pre_z, d_pre_n * reset], -1), torch.cat([d_pre_r, d_pre_z, d_pre_n], -1)
+        # n = tanh(i_n + r ⊙ h_n), h' = u ⊙ h + (1 − u) ⊙ n: the chain rule through each gate
+        d_n = (1 - update) * (1 - new * new)
+        d_z = (states[:, 0] - new) * update * (1 - update)
+        d_r = d_n * h_n * reset * (1 - reset)
+        hidden = torch.stack([d_r, d_z, d_n * reset], 2)
+        return Coefficients(update.unsqueeze(1), hidden, input=torch.stack([d_r, d_z, d_n], 2))
 
 
 class LSTMCell(Cell):
     mode, num_states, num_gates = "lstm", 2, 4
 
-    def recompute(self, states, gi, w_hh, b_hh):
+    def coefficients(self, states, gi, w_hh, b_hh):
         pre = gi + _hidden_projection(states[:, 1], w_hh, b_hh)
         i, f, g, o = pre.chunk(4, -1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         tanh_c = torch.tanh(torch.addcmul(i * g, f, states[:, 0]))
+        through_h = o * (1 - tanh_c * tanh_c)  # ∂h'/∂c' for h' = o·tanh(c')
+        hidden = torch.stack([g * i * (1 - i), states[:, 0] * f * (1 - f), i * (1 - g * g),
+                              tanh_c * o * (1 - o)], 2)
         k_diag = torch.stack([f, torch.zeros_like(f)], 1)
-        return Gates(states, k_diag, (i, f, g, o, tanh_c))
+        # the block carries w_h into the input c through c' = f·c + ... and h' (c itself is on R)
+        return Coefficients(k_diag, hidden, direct=torch.stack([through_h, through_h * f], 1))
 
-    def vjp(self, gates, w):
-        i, f, g, o, tanh_c = gates.saved
+    def hidden_cotangent(self, coef, w):
         w_c, w_h = w[:, 0], w[:, 1]
-        d_c_block = w_h * o * (1 - tanh_c * tanh_c)  # through h = o·tanh(c'), c' the block's own
-        d_c_new = w_c + d_c_block  # c' enters the residual output c and, in the block, h
-        d_pre = torch.cat([
-            d_c_new * g * i * (1 - i),
-            d_c_new * gates.states[:, 0] * f * (1 - f),
-            d_c_new * i * (1 - g * g),
-            w_h * tanh_c * o * (1 - o),
-        ], -1)
-        return d_c_block * f, d_pre, d_pre
+        d_c_new = torch.addcmul(w_c, w_h, coef.direct[:, 0])  # c' feeds the output c and, in the block, h
+        out = torch.empty_like(coef.hidden)
+        torch.mul(d_c_new.unsqueeze(2), coef.hidden[:, :, :3], out=out[:, :, :3])
+        torch.mul(w_h, coef.hidden[:, :, 3], out=out[:, :, 3])
+        return out
+
+    def direct_cotangent(self, coef: Coefficients, w: Tensor) -> Tensor:
+        """The block's part of ``w·J`` on the input cell state: ``w_h ⊙ o(1 − tanh²c') ⊙ f``."""
+        return w[:, 1] * coef.direct[:, 1]
 
 
 CELLS: dict[str, Cell] = {

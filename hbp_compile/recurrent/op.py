@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine.iterate import run_iterations
-from ..engine.scans import ReverseLinearScan, flush_denormals, linear_scan
+from ..engine.iterate import IterationUsage, run_iterations
+from ..engine.scans import ResidualScan, linear_scan
 from .cells import CELLS
 
 _KERNELS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru": torch.gru}
@@ -91,39 +91,46 @@ def _setup_context(ctx, inputs, output):
 
 
 def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, states: Tensor, input: Tensor,
-                     weights: Sequence[Tensor | None], needs_grad: Sequence[bool], tol: float = 0.0) -> list[Tensor | None]:
-    """Gradients of ``(input, state0, w_ih, w_hh, b_ih, b_hh)`` given the cotangents of all states."""
+                     weights: Sequence[Tensor | None], needs_grad: Sequence[bool], tol: float = 0.0,
+                     usage: IterationUsage | None = None) -> list[Tensor | None]:
+    """Gradients of ``(input, state0, w_ih, w_hh, b_ih, b_hh)`` given the cotangents of all states.
+
+    The cell's VJP coefficients are computed once (``cells.py``); an iteration is then one multiply,
+    one matmul with ``W_hh`` and one O(T) scan that adds the cotangents ``a`` on the way, writing into
+    one of two buffers that the iterations take turns on.
+    """
     cell = CELLS[mode]
     w_ih, w_hh, b_ih, b_hh = weights
     steps, hidden = states.shape[0] - 1, cell.num_states - 1
     x = states[:-1]
-    gates = cell.recompute(x, F.linear(input, w_ih, b_ih), w_hh, b_hh)
-
-    def block_vjp(w: Tensor) -> Tensor:
-        d_c, d_gh, _ = cell.vjp(gates, w)
-        out = torch.empty_like(x)
-        out[:, hidden] = d_gh @ w_hh
-        if d_c is not None:
-            out[:, 0] = d_c
-        return out
-
-    # K = 0 (plain RNN): nothing travels along a residual path
-    scan = (lambda c: c) if mode.startswith("rnn") else ReverseLinearScan((1.0 - gamma) * gates.k_diag)
-    a = grad_states
+    coef = cell.coefficients(x, F.linear(input, w_ih, b_ih), w_hh, b_hh)
+    # K = 0 (plain RNN): nothing travels along the residual path, and the scan only adds a and v
+    scan = ResidualScan(0.0 if mode.startswith("rnn") else (1.0 - gamma) * coef.k_diag, steps + 1)
+    a = grad_states.contiguous()
+    v = torch.zeros_like(x)
+    buffers = [torch.empty_like(a), torch.empty_like(a)]
 
     def step(w: list[Tensor]) -> list[Tensor]:
-        v = block_vjp(w[0][1:])
+        d_gh = cell.hidden_cotangent(coef, w[0][1:])
+        if coef.direct is None:
+            torch.matmul(d_gh.flatten(2), w_hh, out=v[:, 0])
+        else:
+            v[:, hidden] = d_gh.flatten(2) @ w_hh
+            v[:, 0] = cell.direct_cotangent(coef, w[0][1:])
         if gamma:
-            v += gamma * gates.k_diag * w[0][1:]  # γ-split: γ·K moves into the block (HIGHWAY_BP.md §1)
-        c = a.clone()
-        c[:-1] += v
-        return [scan(c)]
+            v.addcmul_(coef.k_diag, w[0][1:], value=gamma)  # γ-split: γ·K moves into the block (HIGHWAY_BP.md §1)
+        out = buffers[0] if buffers[0] is not w[0] else buffers[1]
+        return [scan(a, v, out=out)]
 
-    (w,), _ = run_iterations([scan(a)], step, max_iterations=min(k, steps), tol=tol, what=f"recurrence {mode}")
-    _, d_gh, d_gi = cell.vjp(gates, w[1:])
-    flat_gi, flat_gh = d_gi.flatten(0, -2), d_gh.flatten(0, -2)
+    (w,), used = run_iterations([scan(a)], step, max_iterations=min(k, steps),
+                                tol=tol, what=f"recurrence {mode}")
+    if usage is not None:
+        usage.record(used)
+    d_gh = cell.hidden_cotangent(coef, w[1:])
+    d_gi = cell.input_cotangent(coef, w[1:], d_gh)
+    flat_gi, flat_gh = d_gi.flatten(0, 1).flatten(1), d_gh.flatten(0, 1).flatten(1)
     grads: list[Tensor | None] = [
-        d_gi @ w_ih if needs_grad[0] else None,
+        d_gi.flatten(2) @ w_ih if needs_grad[0] else None,
         w[0] if needs_grad[1] else None,
         flat_gi.t() @ input.flatten(0, -2) if needs_grad[2] else None,
         flat_gh.t() @ x[:, hidden].flatten(0, -2) if needs_grad[3] else None,
@@ -140,9 +147,8 @@ def _backward(ctx, grad_states):
             "supported: its backward is an estimate, and its derivative is not a second derivative of "
             "the model. Use the original model (e.g. model._orig_mod) for higher-order gradients.")
     input, w_ih, w_hh, b_ih, b_hh, states = ctx.saved_tensors
-    with flush_denormals():
-        grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
-                                 (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7], ctx.tol)
+    grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
+                             (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7], ctx.tol)
     return (None, *grads, *[None] * (ctx.num_inputs - 1 - len(grads)))
 
 

@@ -1,0 +1,127 @@
+"""The speed issue's workloads, HBP and eager backprop interleaved in one process.
+
+Run: python -m benchmarks.speed [--repeats 9] [--k 3] [--only gru256 gru1024 cell256 stack64]
+
+Each training step (forward, loss, backward) is timed with the methods alternating, so that machine
+noise hits all of them alike; the table gives the median over ``--repeats`` rounds, min–max beside
+it, and the ratio HBP step / eager backprop step. First calls (capture + compile) are timed apart.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hbp_compile import hbp_compile
+
+
+class GRUNet(nn.Module):
+    """Linear -> nn.GRU -> Linear head reading every state (the issue's recurrence workload)."""
+
+    def __init__(self, din: int = 16, d: int = 64):
+        super().__init__()
+        self.inp, self.rnn, self.head = nn.Linear(din, d), nn.GRU(d, d), nn.Linear(d, din)
+
+    def forward(self, x):
+        return self.head(self.rnn(self.inp(x))[0])
+
+
+class GRUCellNet(nn.Module):
+    """The same net as a Python loop over nn.GRUCell."""
+
+    def __init__(self, din: int = 16, d: int = 64):
+        super().__init__()
+        self.inp, self.cell, self.head = nn.Linear(din, d), nn.GRUCell(d, d), nn.Linear(d, din)
+
+    def forward(self, x):
+        u = self.inp(x)
+        h = u.new_zeros(u.shape[1], self.cell.hidden_size)
+        outs = []
+        for u_t in u:
+            h = self.cell(u_t, h)
+            outs.append(h)
+        return self.head(torch.stack(outs))
+
+
+class PreLNStack(nn.Module):
+    def __init__(self, depth: int = 64, d: int = 32):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)) for _ in range(depth))
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def _seq(T: int, B: int = 32, din: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(T, B, din, generator=g), torch.randn(T, B, din, generator=g)
+
+
+WORKLOADS: dict[str, tuple[str, Callable[[], nn.Module], Callable[[], tuple]]] = {
+    "gru256": ("Linear→nn.GRU→head, T=256 (d=64, B=32)", GRUNet, lambda: _seq(256)),
+    "gru1024": ("Linear→nn.GRU→head, T=1024 (d=64, B=32)", GRUNet, lambda: _seq(1024)),
+    "cell256": ("loop over nn.GRUCell, T=256 (d=64, B=32)", GRUCellNet, lambda: _seq(256)),
+    "stack64": ("pre-LN MLP L=64 (d=32, B=8)", PreLNStack,
+                lambda: (torch.randn(8, 32, generator=torch.Generator().manual_seed(0)),
+                         torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1)))),
+}
+
+
+def _loss(name: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, target) if name == "stack64" else F.mse_loss(out, target)
+
+
+def measure(name: str, ks: list[int], repeats: int, with_compile: bool) -> None:
+    title, make, batch = WORKLOADS[name]
+    torch.manual_seed(0)
+    model = make()
+    x, target = batch()
+    methods: dict[str, nn.Module] = {"eager backprop": model}
+    if with_compile:
+        methods["torch.compile backprop"] = torch.compile(model)
+    for k in ks:
+        methods[f"HBP k={k}"] = hbp_compile(model, k=k)
+
+    def step(m: nn.Module) -> float:
+        start = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        _loss(name, m(x), target).backward()
+        return time.perf_counter() - start
+
+    first = {label: step(m) for label, m in methods.items()}
+    for m in methods.values():
+        step(m)
+    times: dict[str, list[float]] = {label: [] for label in methods}
+    for _ in range(repeats):
+        for label, m in methods.items():
+            times[label].append(step(m))
+    base = statistics.median(times["eager backprop"])
+    print(f"\n{title}")
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        print(f"  {label:24s} {med * 1e3:8.2f} ms  [{min(ts) * 1e3:.2f}–{max(ts) * 1e3:.2f}]  "
+              f"{med / base:5.2f}×  first call {first[label]:.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--k", type=int, nargs="+", default=[3])
+    parser.add_argument("--only", nargs="+", default=list(WORKLOADS))
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile backprop row")
+    args = parser.parse_args()
+    for name in args.only:
+        measure(name, args.k, args.repeats, args.compile)
+
+
+if __name__ == "__main__":
+    main()
