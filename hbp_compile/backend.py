@@ -98,9 +98,10 @@ class HbpBackend:
         if any(node.target in RNN_CALLS or node.target in CELL_CALLS for node in gm.graph.nodes):
             to_capture = fx.GraphModule(gm, _copy_graph(gm.graph))
             k, gamma, tol = self.options.max_iterations, self.options.gamma, self.options.stop_tol
-            record.recurrences = (swap_recurrences(to_capture, k=k, gamma=gamma, tol=tol)
+            backend = self.options.backend
+            record.recurrences = (swap_recurrences(to_capture, k=k, gamma=gamma, tol=tol, backend=backend)
                                   + swap_cell_loops(to_capture, k=k, gamma=gamma, min_steps=self.options.min_layers,
-                                                    tol=tol))
+                                                    tol=tol, backend=backend))
         try:
             record.aten_graph = to_aten_graph(to_capture, example_inputs)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: train exactly, and say why

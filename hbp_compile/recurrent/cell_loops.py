@@ -62,7 +62,7 @@ def _next_call(call: fx.Node) -> fx.Node | None:
 
 
 def _cell_loop_states(mode: str, k: int, gamma: float, inputs: list, state0: tuple, w_ih, w_hh, b_ih, b_hh,
-                      tol: float = 0.0):
+                      tol: float = 0.0, backend: str = "eager"):
     """All states ``(T+1, m, B, H)`` of the loop (traced by make_fx into stack + one recurrence)."""
     stacked = torch.stack(list(inputs))
     if mode == "lstm":
@@ -70,11 +70,11 @@ def _cell_loop_states(mode: str, k: int, gamma: float, inputs: list, state0: tup
         first = torch.stack([c0, h0])
     else:
         first = state0[0].unsqueeze(0)
-    return torch.ops.hbp.recurrence(mode, stacked, first, w_ih, w_hh, b_ih, b_hh, k, gamma, True, tol)
+    return torch.ops.hbp.recurrence(mode, stacked, first, w_ih, w_hh, b_ih, b_hh, k, gamma, True, tol, backend)
 
 
 def swap_cell_loops(gm: fx.GraphModule, *, k: int, gamma: float, min_steps: int = 2,
-                    tol: float = 0.0) -> tuple[Recurrence, ...]:
+                    tol: float = 0.0, backend: str = "eager") -> tuple[Recurrence, ...]:
     """Replace every run of ``min_steps`` or more chained cell calls in dynamo's graph ``gm``."""
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CELL_CALLS]
     followers = {nxt for nxt in map(_next_call, calls) if nxt is not None}
@@ -90,7 +90,7 @@ def swap_cell_loops(gm: fx.GraphModule, *, k: int, gamma: float, min_steps: int 
         if len(run) < min_steps or any(call.args[0] in inside for call in run):
             continue  # too short, or inputs computed from the loop's own states (autoregressive)
         found.append(Recurrence(mode, module_path(first), 1, False, len(run), cell_loop=True))
-        _replace(gm.graph, run, mode, k, gamma, tol)
+        _replace(gm.graph, run, mode, k, gamma, tol, backend)
     if found:
         gm.graph.eliminate_dead_code()
         stable_topological_sort(gm.graph)
@@ -99,13 +99,14 @@ def swap_cell_loops(gm: fx.GraphModule, *, k: int, gamma: float, min_steps: int 
     return tuple(found)
 
 
-def _replace(graph: fx.Graph, run: list[fx.Node], mode: str, k: int, gamma: float, tol: float) -> None:
+def _replace(graph: fx.Graph, run: list[fx.Node], mode: str, k: int, gamma: float, tol: float,
+             backend: str) -> None:
     first, last = run[0], run[-1]
     weights = list(first.args[2:]) + [None] * (6 - len(first.args))
     with graph.inserting_after(last):
         states = graph.call_function(
             _cell_loop_states,
-            (mode, k, gamma, [call.args[0] for call in run], _state_inputs(first), *weights[:4], tol),
+            (mode, k, gamma, [call.args[0] for call in run], _state_inputs(first), *weights[:4], tol, backend),
         )
     states.meta.update({key: first.meta[key] for key in ("nn_module_stack", "stack_trace") if key in first.meta})
     hidden = 1 if mode == "lstm" else 0

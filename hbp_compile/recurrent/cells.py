@@ -39,14 +39,18 @@ class Coefficients:
     """What one batched recompute of the steps keeps for every VJP of a backward.
 
     ``hidden[t, :, g]`` multiplies gate g's signal into the cotangent of ``gh = h W_hh^T + b_hh``;
-    ``input`` does the same for ``gi`` (None: equal to ``hidden``); ``direct`` (LSTM) multiplies the
-    cotangent of ``h'`` into that of the input cell state ``c`` through the block.
+    the cotangent of ``gi`` is the same but for GRU's candidate gate, whose coefficient on ``gi`` is
+    ``new_gate`` (``hidden`` has it times the reset gate); ``direct`` (LSTM) multiplies the cotangent
+    of ``h'`` into that of the input cell state ``c`` through the block.
     """
 
     k_diag: Tensor  # (T, m, B, H): the diagonal of K per step
     hidden: Tensor  # (T, B, G, H)
-    input: Tensor | None = None
+    new_gate: Tensor | None = None  # GRU: (T, B, H)
     direct: Tensor | None = None
+
+    def fields(self) -> tuple[Tensor | None, ...]:
+        return self.k_diag, self.hidden, self.new_gate, self.direct
 
 
 class Cell:
@@ -59,14 +63,17 @@ class Cell:
     def coefficients(self, states: Tensor, gi: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Coefficients:
         raise NotImplementedError
 
-    def hidden_cotangent(self, coef: Coefficients, w: Tensor) -> Tensor:
-        """``∂/∂gh`` of cotangent ``w`` ``(T, m, B, H)`` on the steps' outputs, ``(T, B, G, H)``.
-        Its product with ``W_hh`` is ``w·J`` on the hidden state."""
-        return w[:, -1].unsqueeze(2) * coef.hidden
+    def hidden_cotangent(self, coef: Coefficients, w: Tensor, out: Tensor | None = None) -> Tensor:
+        """``∂/∂gh`` of cotangent ``w`` ``(T, m, B, H)`` on the steps' outputs, ``(T, B, G, H)``, into
+        ``out`` when given. Its product with ``W_hh`` is ``w·J`` on the hidden state."""
+        return torch.mul(w[:, -1].unsqueeze(2), coef.hidden, out=out) if out is not None else \
+            w[:, -1].unsqueeze(2) * coef.hidden
 
-    def input_cotangent(self, coef: Coefficients, w: Tensor, d_gh: Tensor) -> Tensor:
-        """``∂/∂gi`` of cotangent ``w``, given ``d_gh = hidden_cotangent(coef, w)``."""
-        return d_gh if coef.input is None else w[:, -1].unsqueeze(2) * coef.input
+    def input_cotangent_(self, coef: Coefficients, w: Tensor, d_gh: Tensor) -> Tensor:
+        """``∂/∂gi`` of cotangent ``w``, written over ``d_gh = hidden_cotangent(coef, w)``."""
+        if coef.new_gate is not None:
+            torch.mul(w[:, -1], coef.new_gate, out=d_gh[:, :, 2])
+        return d_gh
 
 
 class RNNCell(Cell):
@@ -95,8 +102,7 @@ class GRUCell(Cell):
         d_n = (1 - update) * (1 - new * new)
         d_z = (states[:, 0] - new) * update * (1 - update)
         d_r = d_n * h_n * reset * (1 - reset)
-        hidden = torch.stack([d_r, d_z, d_n * reset], 2)
-        return Coefficients(update.unsqueeze(1), hidden, input=torch.stack([d_r, d_z, d_n], 2))
+        return Coefficients(update.unsqueeze(1), torch.stack([d_r, d_z, d_n * reset], 2), new_gate=d_n)
 
 
 class LSTMCell(Cell):
@@ -114,10 +120,10 @@ class LSTMCell(Cell):
         # the block carries w_h into the input c through c' = f·c + ... and h' (c itself is on R)
         return Coefficients(k_diag, hidden, direct=torch.stack([through_h, through_h * f], 1))
 
-    def hidden_cotangent(self, coef, w):
+    def hidden_cotangent(self, coef, w, out=None):
         w_c, w_h = w[:, 0], w[:, 1]
         d_c_new = torch.addcmul(w_c, w_h, coef.direct[:, 0])  # c' feeds the output c and, in the block, h
-        out = torch.empty_like(coef.hidden)
+        out = torch.empty_like(coef.hidden) if out is None else out
         torch.mul(d_c_new.unsqueeze(2), coef.hidden[:, :, :3], out=out[:, :, :3])
         torch.mul(w_h, coef.hidden[:, :, 3], out=out[:, :, 3])
         return out

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..engine.iterate import IterationUsage, run_iterations
 from ..engine.scans import ResidualScan, linear_scan
-from .cells import CELLS
+from ..compile import compile_function
+from .cells import CELLS, Coefficients
 
 _KERNELS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru": torch.gru}
 STEP_KERNELS = {"rnn_tanh": torch.rnn_tanh_cell, "rnn_relu": torch.rnn_relu_cell, "gru": torch.gru_cell,
@@ -34,13 +37,15 @@ def _params(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
 
 @torch.library.custom_op("hbp::recurrence", mutates_args=())
 def recurrence(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-               b_hh: Tensor | None, k: int, gamma: float, step_kernel: bool = False, tol: float = 0.0) -> Tensor:
+               b_hh: Tensor | None, k: int, gamma: float, step_kernel: bool = False, tol: float = 0.0,
+               backend: str = "eager") -> Tensor:
     """All states ``(T+1, m, B, H)`` of one recurrent layer over a time-major ``input`` ``(T, B, D)``.
 
     ``state0`` is ``(m, B, H)``: ``[h]``, or ``[c, h]`` for LSTM. With ``step_kernel`` the forward is a
     loop of the one-step kernels (``torch.gru_cell`` ...), bit-identical to a user's loop over
     ``nn.GRUCell``; else the fused sequence kernel of ``nn.GRU``, bit-identical to the module.
     ``tol > 0``: the backward runs at most ``k`` iterations and stops once converged (``k="auto"``).
+    ``backend="inductor"``: the backward's once-per-backward coefficients are an Inductor kernel.
 
     >>> T, B, D, H = 5, 2, 3, 4
     >>> gru = torch.nn.GRU(D, H)
@@ -79,7 +84,7 @@ def _step_loop(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Ten
 
 
 @recurrence.register_fake
-def _(mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma, step_kernel=False, tol=0.0):
+def _(mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma, step_kernel=False, tol=0.0, backend="eager"):
     return input.new_empty((input.shape[0] + 1, *state0.shape))
 
 
@@ -87,12 +92,26 @@ def _setup_context(ctx, inputs, output):
     mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma = inputs[:9]
     ctx.mode, ctx.k, ctx.gamma, ctx.num_inputs = mode, k, gamma, len(inputs)
     ctx.tol = inputs[10] if len(inputs) > 10 else 0.0
+    ctx.backend = inputs[11] if len(inputs) > 11 else "eager"
     ctx.save_for_backward(input, w_ih, w_hh, b_ih, b_hh, output)
+
+
+@functools.cache
+def _coefficients(mode: str, backend: str):
+    """``(states, input, w_ih, w_hh, b_ih, b_hh) -> Coefficients fields``: the input projection and the
+    cell's VJP coefficients of all steps; under Inductor one fused kernel around two matmuls."""
+    cell = CELLS[mode]
+
+    def coefficients(states: Tensor, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+                     b_hh: Tensor | None) -> tuple:
+        return cell.coefficients(states, F.linear(input, w_ih, b_ih), w_hh, b_hh).fields()
+
+    return compile_function(coefficients, backend, f"hbp_{mode}_coefficients")
 
 
 def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, states: Tensor, input: Tensor,
                      weights: Sequence[Tensor | None], needs_grad: Sequence[bool], tol: float = 0.0,
-                     usage: IterationUsage | None = None) -> list[Tensor | None]:
+                     usage: IterationUsage | None = None, backend: str = "eager") -> list[Tensor | None]:
     """Gradients of ``(input, state0, w_ih, w_hh, b_ih, b_hh)`` given the cotangents of all states.
 
     The cell's VJP coefficients are computed once (``cells.py``); an iteration is then one multiply,
@@ -103,15 +122,17 @@ def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, state
     w_ih, w_hh, b_ih, b_hh = weights
     steps, hidden = states.shape[0] - 1, cell.num_states - 1
     x = states[:-1]
-    coef = cell.coefficients(x, F.linear(input, w_ih, b_ih), w_hh, b_hh)
+    coef = Coefficients(*_coefficients(mode, backend)(x, input, w_ih, w_hh, b_ih, b_hh))
     # K = 0 (plain RNN): nothing travels along the residual path, and the scan only adds a and v
-    scan = ResidualScan(0.0 if mode.startswith("rnn") else (1.0 - gamma) * coef.k_diag, steps + 1)
+    scan = ResidualScan(0.0 if mode.startswith("rnn") else coef.k_diag if not gamma else (1.0 - gamma) * coef.k_diag,
+                        steps + 1)
     a = grad_states.contiguous()
     v = torch.zeros_like(x)
     buffers = [torch.empty_like(a), torch.empty_like(a)]
+    d_gh = torch.empty_like(coef.hidden)  # reused by every iteration: no fresh pages per iteration
 
     def step(w: list[Tensor]) -> list[Tensor]:
-        d_gh = cell.hidden_cotangent(coef, w[0][1:])
+        cell.hidden_cotangent(coef, w[0][1:], out=d_gh)
         if coef.direct is None:
             torch.matmul(d_gh.flatten(2), w_hh, out=v[:, 0])
         else:
@@ -126,18 +147,19 @@ def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, state
                                 tol=tol, what=f"recurrence {mode}")
     if usage is not None:
         usage.record(used)
-    d_gh = cell.hidden_cotangent(coef, w[1:])
-    d_gi = cell.input_cotangent(coef, w[1:], d_gh)
-    flat_gi, flat_gh = d_gi.flatten(0, 1).flatten(1), d_gh.flatten(0, 1).flatten(1)
-    grads: list[Tensor | None] = [
-        d_gi.flatten(2) @ w_ih if needs_grad[0] else None,
+    cell.hidden_cotangent(coef, w[1:], out=d_gh)
+    flat = d_gh.flatten(0, 1).flatten(1)
+    grad_w_hh = flat.t() @ x[:, hidden].flatten(0, -2) if needs_grad[3] else None
+    grad_b_hh = flat.sum(0) if b_hh is not None and needs_grad[5] else None
+    cell.input_cotangent_(coef, w[1:], d_gh)  # d_gh becomes d_gi
+    return [
+        d_gh.flatten(2) @ w_ih if needs_grad[0] else None,
         w[0] if needs_grad[1] else None,
-        flat_gi.t() @ input.flatten(0, -2) if needs_grad[2] else None,
-        flat_gh.t() @ x[:, hidden].flatten(0, -2) if needs_grad[3] else None,
-        flat_gi.sum(0) if b_ih is not None and needs_grad[4] else None,
-        flat_gh.sum(0) if b_hh is not None and needs_grad[5] else None,
+        flat.t() @ input.flatten(0, -2) if needs_grad[2] else None,
+        grad_w_hh,
+        flat.sum(0) if b_ih is not None and needs_grad[4] else None,
+        grad_b_hh,
     ]
-    return grads
 
 
 def _backward(ctx, grad_states):
@@ -148,7 +170,7 @@ def _backward(ctx, grad_states):
             "the model. Use the original model (e.g. model._orig_mod) for higher-order gradients.")
     input, w_ih, w_hh, b_ih, b_hh, states = ctx.saved_tensors
     grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
-                             (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7], ctx.tol)
+                             (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7], ctx.tol, backend=ctx.backend)
     return (None, *grads, *[None] * (ctx.num_inputs - 1 - len(grads)))
 
 

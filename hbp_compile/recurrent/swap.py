@@ -64,7 +64,8 @@ class Recurrence:
 
 
 def highway_rnn(mode: str, k: int, gamma: float, input: Tensor, hx, params, has_biases: bool, num_layers: int,
-                dropout: float, train: bool, bidirectional: bool, batch_first: bool, *, tol: float = 0.0):
+                dropout: float, train: bool, bidirectional: bool, batch_first: bool, *, tol: float = 0.0,
+                backend: str = "eager"):
     """What ``torch.<mode>(input, hx, params, ...)`` computes, one ``hbp::recurrence`` per layer-direction.
 
     >>> lstm = torch.nn.LSTM(3, 4, num_layers=2)
@@ -89,7 +90,7 @@ def highway_rnn(mode: str, k: int, gamma: float, input: Tensor, hx, params, has_
                 weights += [None, None]
             state0 = torch.stack([c0[index], h0[index]]) if lstm else h0[index].unsqueeze(0)
             sequence = layer_input if direction == 0 else layer_input.flip(0)
-            states = torch.ops.hbp.recurrence(mode, sequence, state0, *weights, k, gamma, False, tol)
+            states = torch.ops.hbp.recurrence(mode, sequence, state0, *weights, k, gamma, False, tol, backend)
             out = states[1:, -1]
             outputs.append(out if direction == 0 else out.flip(0))
             last_h.append(states[-1, -1])
@@ -122,7 +123,8 @@ def _steps(node: fx.Node) -> int:
     return int(value.shape[1] if node.args[8] else value.shape[0])
 
 
-def swap_recurrences(gm: fx.GraphModule, *, k: int, gamma: float, tol: float = 0.0) -> tuple[Recurrence, ...]:
+def swap_recurrences(gm: fx.GraphModule, *, k: int, gamma: float, tol: float = 0.0,
+                     backend: str = "eager") -> tuple[Recurrence, ...]:
     """Replace every supported RNN call of dynamo's graph ``gm`` in place; report each one found."""
     found = []
     for node in list(gm.graph.nodes):
@@ -138,7 +140,7 @@ def swap_recurrences(gm: fx.GraphModule, *, k: int, gamma: float, tol: float = 0
         assert mode in CELLS
         node.target = highway_rnn
         node.args = (mode, k, gamma, *node.args)
-        node.kwargs = {"tol": tol}
+        node.kwargs = {"tol": tol, "backend": backend}
     if any(r.swapped for r in found):
         gm.graph.lint()
         gm.recompile()
