@@ -63,8 +63,9 @@ def _next_call(call: fx.Node) -> fx.Node | None:
 
 def _cell_loop_states(mode: str, k: int, gamma: float, inputs: list, state0: tuple, w_ih, w_hh, b_ih, b_hh,
                       tol: float = 0.0, backend: str = "eager"):
-    """All states ``(T+1, m, B, H)`` of the loop (traced by make_fx into stack + one recurrence)."""
-    stacked = torch.stack(list(inputs))
+    """All states ``(T+1, m, B, H)`` of the loop (traced by make_fx into stack + one recurrence).
+    ``inputs`` is the steps' inputs, or the tensor they are the consecutive rows of."""
+    stacked = inputs if isinstance(inputs, torch.Tensor) else torch.stack(list(inputs))
     if mode == "lstm":
         h0, c0 = state0
         first = torch.stack([c0, h0])
@@ -99,6 +100,21 @@ def swap_cell_loops(gm: fx.GraphModule, *, k: int, gamma: float, min_steps: int 
     return tuple(found)
 
 
+def _step_inputs(run: list[fx.Node]) -> fx.Node | list:
+    """The steps' inputs; when they are ``x[0], x[1], ...`` of all of one ``x`` (``for x_t in x``), ``x``
+    itself: stacking the rows back costs a copy, and their T selects a zero-filled gradient each."""
+    inputs = [call.args[0] for call in run]
+    rows = [(n.args[0], n.args[1]) if isinstance(n, fx.Node) and n.op == "call_function"
+            and n.target is operator.getitem and len(n.args) == 2 and isinstance(n.args[1], int) else (None, None)
+            for n in inputs]
+    source = rows[0][0]
+    value = source.meta.get("example_value") if isinstance(source, fx.Node) else None
+    if (isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == len(run)
+            and all(src is source and t == i for i, (src, t) in enumerate(rows))):
+        return source
+    return inputs
+
+
 def _replace(graph: fx.Graph, run: list[fx.Node], mode: str, k: int, gamma: float, tol: float,
              backend: str) -> None:
     first, last = run[0], run[-1]
@@ -106,18 +122,26 @@ def _replace(graph: fx.Graph, run: list[fx.Node], mode: str, k: int, gamma: floa
     with graph.inserting_after(last):
         states = graph.call_function(
             _cell_loop_states,
-            (mode, k, gamma, [call.args[0] for call in run], _state_inputs(first), *weights[:4], tol, backend),
+            (mode, k, gamma, _step_inputs(run), _state_inputs(first), *weights[:4], tol, backend),
         )
     states.meta.update({key: first.meta[key] for key in ("nn_module_stack", "stack_trace") if key in first.meta})
     hidden = 1 if mode == "lstm" else 0
+    # Each component's steps come from one unbind: its backward stacks the T cotangents once, where a
+    # getitem per step would add a zero-filled (T+1, m, B, H) gradient per step (O(T²) work).
+    steps: dict[int, fx.Node] = {}
     for t, call in enumerate(run, start=1):
         outputs = _outputs(call)
         assert outputs is not None
         for index, nodes in outputs.items():
             component = hidden if index == 0 else 0
-            for node in nodes:
+            if component not in steps:
                 with graph.inserting_after(states):
-                    value = graph.call_function(operator.getitem, (states, (t, component)))
+                    select = graph.call_function(torch.select, (states, 1, component))
+                with graph.inserting_after(select):
+                    steps[component] = graph.call_function(torch.unbind, (select,))
+            for node in nodes:
+                with graph.inserting_after(steps[component]):
+                    value = graph.call_function(operator.getitem, (steps[component], t))
                 node.replace_all_uses_with(value)
     for call in reversed(run):  # the steps' calls are now unread (each next call was rewired too)
         for node in list(call.users):
