@@ -24,6 +24,15 @@ def capturing_rnns():
     return config.patch(allow_rnn=True)
 
 
+def inductor_compile_graph(gm, example_inputs, options):
+    """An aten ``GraphModule`` compiled by Inductor without dynamo: the result runs with no guard
+    evaluation per call (it assumes the example inputs' shapes, strides and dtypes)."""
+    from torch._inductor import compile as inductor_compile
+
+    with outside_dynamo_tracing():  # called from inside the backend (the forward check): a context of its own
+        return inductor_compile(gm, list(example_inputs), options=options)
+
+
 def trace_artifact(name: str, text: str) -> None:
     """Emit ``text`` as a structured-trace artifact (shown by tlparse when ``TORCH_TRACE`` is set)."""
     from torch._logging import trace_structured
@@ -43,6 +52,7 @@ __all__ = [
     "capturing_rnns",
     "outside_dynamo_tracing",
     "detect_fake_mode",
+    "inductor_compile_graph",
     "is_concrete_int",
     "make_fx",
     "preserve_node_meta",

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch.autograd.function import once_differentiable
 
-from ..compile import compile_function, without_inductor_conv_bug
+from ..compile import GraphKernel, compile_function, without_inductor_conv_bug
 from ..detect.model import Chain, ResidualKind
 from .layer_graphs import differentiable_side_outputs, layer_graph, random_nodes, split_layer_graph
 from .iterate import IterationUsage, run_iterations
@@ -67,7 +67,7 @@ class GroupProgram:
     @cached_property
     def run_layer(self) -> Callable[..., object]:
         """The layer function the forward calls once per layer of the group."""
-        return compile_function(self._for_backend(self.layer_fn), self.backend, "hbp_layer")
+        return GraphKernel(self._for_backend(self.layer_fn), self.backend)
 
     def _for_backend(self, gm: fx.GraphModule) -> fx.GraphModule:
         return gm if self.backend == "eager" else without_inductor_conv_bug(gm)
@@ -369,9 +369,21 @@ class HighwayChain(torch.autograd.Function):
             grads: list[torch.Tensor | None] = [None] * len(sides)
             for b in batched:
                 for g, where in b.side_grads(gather(w, b.prog.outputs)):
+                    if isinstance(where, tuple):
+                        # one copy into the parameters' own layout for the whole stack: AccumulateGrad
+                        # then takes each layer's slice as it is instead of cloning it
+                        g = _like_sources(g, [sides[i] for i in where])
                     for i, gi in (zip(where, g.unbind(0)) if isinstance(where, tuple) else [(where, g)]):
                         grads[i] = gi if grads[i] is None else grads[i] + gi
         return (None, w[0][0] if ctx.needs_input_grad[1] else None, *grads)
+
+
+def _like_sources(g: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``g`` (stacked per-layer gradients) laid out so that each slice has its source's strides."""
+    first = sources[0]
+    if first.is_contiguous() and not g.is_contiguous():
+        return g.contiguous()
+    return g
 
 
 def _split_counts(flat: Sequence[torch.Tensor], counts: Sequence[int]) -> list[tuple[torch.Tensor, ...]]:

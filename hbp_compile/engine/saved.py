@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from .._torch_compat import FakeTensorMode, default_partition, make_fx, outside_dynamo_tracing
-from ..compile import compile_function
+from ..compile import GraphKernel, compile_function
 from ..detect.model import ResidualKind
 
 
@@ -38,7 +38,7 @@ class SavedLayer:
 
     def run_forward(self) -> Callable[..., tuple[torch.Tensor, ...]]:
         if "forward" not in self._variants:
-            self._variants["forward"] = compile_function(self.forward, self.backend, "hbp_saving_layer")
+            self._variants["forward"] = GraphKernel(self.forward, self.backend)
         return self._variants["forward"]
 
     def batched_backward(self, wanted: tuple[int, ...], broadcast: tuple[int, ...]) -> Callable[..., tuple]:
