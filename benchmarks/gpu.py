@@ -1,0 +1,225 @@
+"""The GPU check: the suite's headline workloads on one CUDA device, written to docs/benchmarks-gpu.md.
+
+Run: python -m benchmarks.gpu [--smoke] [--budget-s 400] [--out docs/benchmarks-gpu.md]
+(``benchmarks/device_check.sh`` runs the CUDA tests, then this.)
+
+Per workload, in one process: eager backprop, torch.compile backprop and Highway-BP at k = 0, 1, 3.
+Each method's training step (forward, loss, backward) is timed with the methods alternating, median
+of ``--repeats`` after warm-up, the device synchronized around each step; beside it the peak memory
+the step allocated beyond what was live before it (``torch.cuda.max_memory_allocated``), the cosine
+between its parameter gradient and eager backprop's, and the first call (capture + compile).
+``--smoke`` runs the same code on the CPU with tiny sizes (CI runs it). Methods left when
+``--budget-s`` runs out are listed as not measured.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hbp_compile import hbp_compile
+
+from .workloads import PreLNStack, RecurrentLM, ResNet, _gpt2
+
+# The paper's Table 6 (one GPU, ms per training step; HIGHWAY_BP.md §5), as HBP k=3 / backprop.
+PAPER_K3_RATIO = {"GRU T=256": 97 / 209, "GRU T=1024": 210 / 715}
+
+
+@dataclass
+class Case:
+    name: str
+    make_model: Callable[[], torch.nn.Module]
+    make_batch: Callable[[torch.device], tuple]
+    loss: Callable[[torch.nn.Module, tuple], torch.Tensor]
+    gamma: float = 0.0
+
+
+@dataclass
+class Row:
+    method: str
+    step_ms: float | None = None
+    spread: tuple[float, float] | None = None
+    peak_mib: float | None = None
+    cosine: float | None = None
+    first_s: float | None = None
+    layers: int | None = None
+    note: str = ""
+
+
+@dataclass
+class Result:
+    case: str
+    rows: list[Row] = field(default_factory=list)
+
+
+def _ce(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def _seq_ce(model, batch):
+    return F.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten())
+
+
+def _lm(model, batch):
+    ids = batch[0]
+    return F.cross_entropy(model(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def cases(smoke: bool) -> list[Case]:
+    def classification(*shape):
+        return lambda dev: (torch.randn(*shape, device=dev), torch.randint(0, 10, shape[:1], device=dev))
+
+    def sequence(b, t, d):
+        return lambda dev: (torch.randn(b, t, d, device=dev), torch.randint(0, 10, (b, t), device=dev))
+
+    if smoke:
+        return [
+            Case("GRU T=16", lambda: RecurrentLM("gru", 8), sequence(2, 16, 8), _seq_ce),
+            Case("pre-LN MLP L=6", lambda: PreLNStack(6, 8), classification(4, 8), _ce),
+        ]
+    return [
+        Case("GRU T=256", lambda: RecurrentLM("gru", 64), sequence(32, 256, 64), _seq_ce),
+        Case("GRU T=1024", lambda: RecurrentLM("gru", 64), sequence(32, 1024, 64), _seq_ce),
+        Case("pre-LN MLP L=64 d=32 B=8", lambda: PreLNStack(64, 32), classification(8, 32), _ce),
+        Case("ReLU ResNet 8 blocks c=32 16x16 B=16", lambda: ResNet(8, 32), classification(16, 3, 16, 16), _ce),
+        Case("GPT-2 small shape T=64 B=2 (vocab 512)", lambda: _gpt2(12, 768, 12, 512, 64),
+             lambda dev: (torch.randint(0, 512, (2, 64), device=dev),), _lm, gamma=0.2),
+    ]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
+                      for p in model.parameters()])
+
+
+def run_case(case: Case, device: torch.device, ks: list[int], repeats: int, deadline: float) -> Result:
+    torch.manual_seed(0)
+    model = case.make_model().to(device)
+    batch = case.make_batch(device)
+    methods: dict[str, Callable[[], torch.nn.Module]] = {
+        "eager backprop": lambda: model,
+        "torch.compile backprop": lambda: torch.compile(model),
+        **{f"HBP k={k}": (lambda k=k: hbp_compile(model, k=k, gamma=case.gamma)) for k in ks},
+    }
+    result = Result(case.name)
+    built: dict[str, torch.nn.Module] = {}
+    rows: dict[str, Row] = {}
+
+    def step(m: torch.nn.Module) -> float:
+        model.zero_grad(set_to_none=True)
+        _sync(device)
+        start = time.perf_counter()
+        case.loss(m, batch).backward()
+        _sync(device)
+        return time.perf_counter() - start
+
+    reference = None
+    for label, make in methods.items():
+        row = rows[label] = Row(label)
+        result.rows.append(row)
+        if time.perf_counter() > deadline:
+            row.note = "not measured (time budget)"
+            continue
+        try:
+            m = make()
+            row.first_s = step(m)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+                step(m)
+                row.peak_mib = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            else:
+                step(m)
+            grad = _flat_grad(model)
+            reference = grad if reference is None else reference
+            row.cosine = float(torch.nn.functional.cosine_similarity(grad, reference, dim=0))
+            report = getattr(m, "hbp_report", None)
+            row.layers = report.num_layers if report is not None else None
+            if label.startswith("HBP") and not row.layers:
+                row.note = "fell back to backprop"
+            built[label] = m
+        except Exception as exc:  # noqa: BLE001 - a failing method is a row that says why
+            row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    times: dict[str, list[float]] = {label: [] for label in built}
+    for _ in range(repeats):
+        for label, m in built.items():
+            times[label].append(step(m))
+    for label, ts in times.items():
+        rows[label].step_ms = statistics.median(ts) * 1e3
+        rows[label].spread = (min(ts) * 1e3, max(ts) * 1e3)
+    return result
+
+
+def render(results: list[Result], device_name: str, smoke: bool, command: str) -> str:
+    today = datetime.date.today().isoformat()
+    lines = [
+        "# Benchmarks on a GPU",
+        "",
+        f"Written by `{command}` on {today}, device: **{device_name}**" + (" (smoke run: tiny sizes)" if smoke else "") + ".",
+        "",
+        "Per workload, one process; methods alternate, median training step (forward + loss + backward) "
+        "with min–max; peak = memory allocated during the step beyond what was live before it; cosine = "
+        "gradient cosine to eager backprop; first call = capture + compile + first step. Rows marked "
+        "'not measured' ran out of the script's time budget.",
+        "",
+    ]
+    for res in results:
+        base = next((r.step_ms for r in res.rows if r.method == "eager backprop" and r.step_ms), None)
+        lines += [f"## {res.case}", "", "| method | step ms | min–max | / eager | peak MiB | cosine | layers | first call s | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in res.rows:
+            def fmt(v, f):
+                return f.format(v) if v is not None else "—"
+            ratio = f"{r.step_ms / base:.2f}×" if r.step_ms and base else "—"
+            spread = f"{r.spread[0]:.2f}–{r.spread[1]:.2f}" if r.spread else "—"
+            lines.append(f"| {r.method} | {fmt(r.step_ms, '{:.2f}')} | {spread} | {ratio} | {fmt(r.peak_mib, '{:.1f}')} | "
+                         f"{fmt(r.cosine, '{:.4f}')} | {fmt(r.layers, '{}')} | {fmt(r.first_s, '{:.1f}')} | {r.note} |")
+        if res.case in PAPER_K3_RATIO:
+            lines.append(f"\nThe paper's Table 6 ratio HBP k=3 / backprop for this shape of workload: "
+                         f"{PAPER_K3_RATIO[res.case]:.2f}× (its own model sizes and GPU).")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: the same code path, in seconds")
+    parser.add_argument("--budget-s", type=float, default=400.0)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--k", type=int, nargs="+", default=[0, 1, 3])
+    parser.add_argument("--out", default="docs/benchmarks-gpu.md")
+    args = parser.parse_args()
+    if args.smoke:
+        device, name = torch.device("cpu"), "CPU"
+    elif torch.cuda.is_available():
+        device, name = torch.device("cuda"), torch.cuda.get_device_name()
+    else:
+        raise SystemExit("benchmarks.gpu: no CUDA device; run with --smoke for the CPU code path")
+    deadline = time.perf_counter() + args.budget_s
+    command = "python -m benchmarks.gpu" + (" --smoke" if args.smoke else "")
+    results = []
+    for case in cases(args.smoke):
+        results.append(run_case(case, device, args.k, args.repeats, deadline))
+        text = render(results, name, args.smoke, command)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)  # after every workload: a run cut short keeps what it measured
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], Path(args.out).name).write_text(text)
+        print(text.split("\n## ")[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
