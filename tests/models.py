@@ -50,7 +50,7 @@ class PreLNAttention(ResidualBlock):
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         if self.causal:
             t = x.shape[1]
-            scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+            scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
         return self.out(scores.softmax(-1) @ v)
 
 
