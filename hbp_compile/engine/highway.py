@@ -51,18 +51,35 @@ class GroupProgram:
     recompute: bool = True  # False: the forward keeps the block intermediates (engine/saved.py)
     _partitions: dict = field(default_factory=dict, compare=False, repr=False)
 
+    @cached_property
+    def casts_dtypes(self) -> bool:
+        """Does the block change dtypes (autocast)? aot_autograd's joint trace of such a split layer
+        dropped the cast back in the backward (torch 2.13: a bfloat16 cotangent reached a float32
+        layer norm's backward), so these groups take their VJPs through autograd instead."""
+        return any(n.op == "call_function" and n.target is torch.ops.aten._to_copy.default
+                   for n in self.split_fn.graph.nodes)
+
     @property
     def keeps_intermediates(self) -> bool:
-        return not self.recompute and self.num_draws == 0
+        return not self.recompute and self.num_draws == 0 and not self.casts_dtypes
 
-    def partition(self, x: torch.Tensor, externals: Sequence[torch.Tensor]) -> SavedLayer:
-        """The split layer partitioned by aot_autograd (traced on the first layer's values), per
-        pattern of which externals require grad."""
-        need = (True, True, *(e.requires_grad for e in externals))
+    def partition(self, x: torch.Tensor, externals: Sequence[torch.Tensor],
+                  need: Sequence[bool] | None = None) -> SavedLayer:
+        """The split layer ``(x_r, x_g, *externals, *draws)`` partitioned by aot_autograd (traced on one
+        layer's values), per pattern of which inputs need a gradient (by default: which externals
+        require grad)."""
+        need = tuple(need) if need is not None else (True, True, *(e.requires_grad for e in externals))
         if need not in self._partitions:
             self._partitions[need] = partition_split_layer(self._for_backend(self.split_fn), [x, x, *externals], need,
                                                            self.side_differentiable, self.backend)
         return self._partitions[need]
+
+    def in_dims(self) -> tuple[int | None, ...]:
+        """vmap's in_dims for ``(x_r, x_g, *externals, *draws)``: stacked inputs 0, broadcast None."""
+        dims: list[int | None] = [None] * (len(self.stacked) + len(self.broadcast))
+        for p, _ in self.stacked:
+            dims[p] = 0
+        return (0, 0, *dims, *[0] * self.num_draws)
 
     @cached_property
     def run_layer(self) -> Callable[..., object]:
@@ -74,10 +91,7 @@ class GroupProgram:
 
     def batched_split(self, split_fn: fx.GraphModule | None = None) -> Callable[..., object]:
         """``(xs_r, xs_g, *externals, *draws) -> ys``: the split layer vmapped over the group's layers."""
-        dims: list[int | None] = [None] * (len(self.stacked) + len(self.broadcast))
-        for p, _ in self.stacked:
-            dims[p] = 0
-        return torch.func.vmap(split_fn or self.split_fn, in_dims=(0, 0, *dims, *[0] * self.num_draws))
+        return torch.func.vmap(split_fn or self.split_fn, in_dims=self.in_dims())
 
     @cached_property
     def run_batched(self) -> Callable[..., object]:
@@ -397,17 +411,38 @@ def _split_counts(flat: Sequence[torch.Tensor], counts: Sequence[int]) -> list[t
 def _group_backward(program: ChainProgram, group: int, states: Sequence[torch.Tensor],
                     sides: Sequence[torch.Tensor], sides_need_grad: Sequence[bool],
                     draws: Sequence[Sequence[torch.Tensor]], kept: Sequence[tuple[torch.Tensor, ...]],
-                    partitions: dict[int, SavedLayer]):
-    """The group's batched backward: from the forward's kept values, or by recomputing them."""
+                    partitions: dict[int, SavedLayer]) -> SavedGroup | _BatchedGroup:
+    """The group's batched backward: aot_autograd's backward graph of the split layer, vmapped over the
+    layers, fed the values its forward saves, kept by the chain's forward (``recompute=False``) or
+    recomputed here by one batched run of the partitioned forward. Every VJP is then a direct call of
+    the compiled backward graph: no autograd engine, no second forward for the weights."""
     prog = program.groups[group]
-    if group not in partitions:
-        return _BatchedGroup(prog, states, sides, sides_need_grad, draws)
-    # kept values are listed per layer of the groups that keep them, in layer order
-    keeping = [p for p, g in enumerate(program.layer_group) if program.groups[g].keeps_intermediates]
-    per_layer = [kept[keeping.index(p)] for p in prog.layers]
     first = prog.layers[0]
     like = states[first].new_empty((len(prog.layers), *states[first].shape))
-    return SavedGroup(prog, partitions[group], per_layer, sides_need_grad, like)
+    if group in partitions:
+        # kept values are listed per layer of the groups that keep them, in layer order
+        keeping = [p for p, g in enumerate(program.layer_group) if program.groups[g].keeps_intermediates]
+        per_layer = [kept[keeping.index(p)] for p in prog.layers]
+        values = [torch.stack([v.detach() for v in column]) for column in zip(*per_layer)]
+        return SavedGroup(prog, partitions[group], values, sides_need_grad, like)
+    if prog.casts_dtypes:
+        return _BatchedGroup(prog, states, sides, sides_need_grad, draws)
+    xs = torch.stack([states[p].detach() for p in prog.layers])
+    n_ext = len(prog.stacked) + len(prog.broadcast)
+    args: list[torch.Tensor | None] = [None] * n_ext
+    example: list[torch.Tensor | None] = [None] * n_ext
+    need: list[bool] = [False] * n_ext
+    for p, idx in prog.stacked:
+        args[p] = torch.stack([sides[i].detach() for i in idx])
+        example[p], need[p] = sides[idx[0]], any(sides_need_grad[i] for i in idx)
+    for p, i in prog.broadcast:
+        args[p] = example[p] = sides[i].detach()
+        need[p] = sides_need_grad[i]
+    replay = [torch.stack([draws[p][j] for p in prog.layers]) for j in range(prog.num_draws)]
+    part = prog.partition(states[first], [*example, *(draws[first][j] for j in range(prog.num_draws))],
+                          need=(True, True, *need, *[False] * prog.num_draws))
+    out = part.batched_forward(prog.in_dims())(xs, xs, *args, *replay)
+    return SavedGroup(prog, part, out[part.num_outputs:], sides_need_grad, like)
 
 
 def _run_scans(program: ChainProgram, batched: Sequence[_BatchedGroup]) -> list[ResidualScan]:

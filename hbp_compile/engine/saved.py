@@ -41,6 +41,15 @@ class SavedLayer:
             self._variants["forward"] = GraphKernel(self.forward, self.backend)
         return self._variants["forward"]
 
+    def batched_forward(self, in_dims: tuple[int | None, ...]) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """``forward`` vmapped over the group's layers (``in_dims``: 0 stacked, None broadcast): what
+        ``recompute=True`` runs once per backward to get every layer's saved values at once."""
+        key = ("forward", in_dims)
+        if key not in self._variants:
+            self._variants[key] = compile_function(torch.func.vmap(self.forward, in_dims=in_dims), self.backend,
+                                                   "hbp_batched_saving_layer")
+        return self._variants[key]
+
     def batched_backward(self, wanted: tuple[int, ...], broadcast: tuple[int, ...]) -> Callable[..., tuple]:
         """``backward`` vmapped over layers, returning only the gradients of inputs ``wanted`` (0 = x_r,
         1 = x_g, 2 + p = external p): the others are not computed. Externals in ``broadcast`` are one
@@ -94,18 +103,36 @@ def partition_split_layer(split_fn: fx.GraphModule, example: Sequence[torch.Tens
     # The partitioner returns lazily compiled graph modules, whose first-call `_lazy_forward` dynamo
     # refuses to trace (it skips torch.fx): plain GraphModules have their code from the start.
     forward, backward = fx.GraphModule(forward, forward.graph), fx.GraphModule(backward, backward.graph)
+    for gm in (forward, backward):
+        _views_for_view_copies(gm)
     tangents = tuple((outputs[i].shape, outputs[i].dtype) for i in differentiable)
     return SavedLayer(forward, backward, len(outputs), tangents, backend)
+
+
+def _views_for_view_copies(gm: fx.GraphModule) -> None:
+    """Functionalization writes views as ``*_copy`` ops (``t_copy``, ``view_copy``), which vmap has no
+    batching rule for (a slow per-layer fallback). In these functional graphs nothing is mutated, so
+    the view itself computes the same values."""
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not hasattr(target, "overloadpacket"):
+            continue
+        packet = target.overloadpacket.__name__
+        if packet.endswith("_copy") and target.namespace == "aten":
+            view = getattr(torch.ops.aten, packet[: -len("_copy")], None)
+            if view is not None and hasattr(view, target._overloadname):
+                node.target = getattr(view, target._overloadname)
+    gm.recompile()
 
 
 class SavedGroup:
     """A group's backward from the values its layers' forward kept: the interface of the recomputing
     ``_BatchedGroup`` (residual Jacobian, block VJP, side-output and weight gradients)."""
 
-    def __init__(self, prog, saved: SavedLayer, per_layer: Sequence[Sequence[torch.Tensor]],
+    def __init__(self, prog, saved: SavedLayer, values: Sequence[torch.Tensor],
                  sides_need_grad: Sequence[bool], like: torch.Tensor):
         self.prog, self.saved = prog, saved
-        self.values = [torch.stack([v.detach() for v in column]) for column in zip(*per_layer)]
+        self.values = list(values)  # each saved value of every layer, stacked
         self.like = like  # a stacked state: shape, dtype and device of the group's cotangents
         self.leaves: list[tuple[int, int | tuple[int, ...]]] = [
             (p, idx) for p, idx in prog.stacked if any(sides_need_grad[i] for i in idx)
