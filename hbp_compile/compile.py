@@ -60,36 +60,51 @@ def compile_function(fn: Callable[..., Any], backend: str, name: str = "hbp_fn")
 
 
 class GraphKernel:
-    """An aten graph called once per layer: Inductor's artifact called directly, no dynamo.
+    """A function of tensors called many times per step: Inductor's artifact called directly, no dynamo.
 
-    A layer function runs L times per forward; through ``torch.compile`` each call paid guard
-    evaluation and a warning filter (121 µs against 39 µs for a small pre-LN MLP layer). Here the
-    graph is compiled by Inductor on the first call with the actual inputs, once per signature
-    (shapes, strides, dtypes, devices) of the tensors it is called with, and every later call is a
-    dict lookup and the artifact.
+    A layer function runs L times per forward, and a group's batched VJP k+1 times per backward;
+    through ``torch.compile`` each call paid guard evaluation, a warning filter and aot_autograd's
+    runtime wrappers (121 µs against 39 µs for a small pre-LN MLP layer). Here ``fn`` (an aten
+    ``GraphModule``, or any function, traced to one by ``make_fx`` on the actual inputs) is compiled
+    by Inductor on the first call, once per signature (shapes, strides, dtypes, devices,
+    requires_grad) of the tensors it is called with; every later call is a dict lookup and the
+    artifact. The graph runs as traced: outputs that would be ``None`` are not allowed.
 
     >>> g = torch.fx.symbolic_trace(lambda x: x * 2)
     >>> GraphKernel(g, "eager")(torch.ones(2))
     tensor([2., 2.])
     """
 
-    def __init__(self, gm: fx.GraphModule, backend: str):
-        self.gm = gm
+    def __init__(self, fn: Callable[..., Any], backend: str):
+        self.fn = fn
         self.backend = backend
         self._compiled: dict[tuple, Callable[..., Any]] = {}
 
     def __call__(self, *args: Any) -> Any:
         if self.backend == "eager":
-            return self.gm(*args)
-        key = tuple((a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+            return self.fn(*args)
+        key = tuple((a.shape, a.stride(), a.dtype, a.device, a.requires_grad) if isinstance(a, torch.Tensor) else repr(a)
+                    for a in args)
         fn = self._compiled.get(key)
         if fn is None:
-            from ._torch_compat import inductor_compile_graph
-
-            with warnings.catch_warnings():  # compile time only: Inductor reads `.grad` of non-leaf inputs
-                warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
-                fn = self._compiled[key] = inductor_compile_graph(self.gm, args, INDUCTOR_OPTIONS)
+            fn = self._compiled[key] = self._compile(args)
         return fn(*args)
+
+    def _compile(self, args: tuple) -> Callable[..., Any]:
+        from ._torch_compat import inductor_compile_graph, make_fx, outside_dynamo_tracing
+
+        if isinstance(self.fn, fx.GraphModule):
+            # a copy: Inductor rewrites the module it compiles (boxed calling convention), and the
+            # original may be shared (the dumps, the eager backend)
+            graph = fx.Graph()
+            graph.output(graph.graph_copy(self.fn.graph, {}))
+            gm = fx.GraphModule(self.fn, graph)
+        else:
+            with outside_dynamo_tracing():
+                gm = make_fx(self.fn)(*args)
+        with warnings.catch_warnings():  # compile time only: Inductor reads `.grad` of non-leaf inputs
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            return inductor_compile_graph(gm, args, INDUCTOR_OPTIONS)
 
 
 def _without_grad_attribute_warning(compiled: Callable[..., Any]) -> Callable[..., Any]:

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from .._torch_compat import FakeTensorMode, default_partition, make_fx, outside_dynamo_tracing
-from ..compile import GraphKernel, compile_function
+from ..compile import GraphKernel
 from ..detect.model import ResidualKind
 
 
@@ -46,8 +46,7 @@ class SavedLayer:
         ``recompute=True`` runs once per backward to get every layer's saved values at once."""
         key = ("forward", in_dims)
         if key not in self._variants:
-            self._variants[key] = compile_function(torch.func.vmap(self.forward, in_dims=in_dims), self.backend,
-                                                   "hbp_batched_saving_layer")
+            self._variants[key] = GraphKernel(torch.func.vmap(self.forward, in_dims=in_dims), self.backend)
         return self._variants[key]
 
     def batched_backward(self, wanted: tuple[int, ...], broadcast: tuple[int, ...]) -> Callable[..., tuple]:
@@ -63,12 +62,16 @@ class SavedLayer:
             graph.eliminate_dead_code()
             batched = torch.func.vmap(fx.GraphModule(self.backward, graph))
 
-            def run(*args: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-                grads = dict(zip(present, batched(*args))) if present else {}
-                return tuple(None if i not in grads else grads[i].sum(0) if i - 2 in broadcast else grads[i]
-                             for i in wanted)
+            def present_grads(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                return tuple(g.sum(0) if i - 2 in broadcast else g for i, g in zip(present, batched(*args)))
 
-            self._variants[key] = compile_function(run, self.backend, "hbp_batched_vjp")
+            kernel = GraphKernel(present_grads, self.backend)
+
+            def run(*args: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+                grads = dict(zip(present, kernel(*args))) if present else {}
+                return tuple(grads.get(i) for i in wanted)
+
+            self._variants[key] = run
         return self._variants[key]
 
 
