@@ -137,6 +137,7 @@ def run_case(case: Case, device: torch.device, ks: list[int], repeats: int, dead
             m = make()
             row.first_s = step(m)
             if device.type == "cuda":
+                model.zero_grad(set_to_none=True)  # last step's gradients are not this step's memory
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
                 step(m)

@@ -1,17 +1,22 @@
 """The speed issue's workloads, HBP and eager backprop interleaved in one process.
 
-Run: python -m benchmarks.speed [--repeats 9] [--k 3] [--only gru256 gru1024 cell256 stack64]
+Run: python -m benchmarks.speed [--repeats 15] [--k 3] [--only gru256 gru1024 cell256 stack64] [--compile]
+                                [--write]
 
 Each training step (forward, loss, backward) is timed with the methods alternating, so that machine
 noise hits all of them alike; the table gives the median over ``--repeats`` rounds, min–max beside
 it, and the ratio HBP step / eager backprop step. First calls (capture + compile) are timed apart.
+``--write`` puts the tables into docs/benchmarks.md between the ``speed`` markers.
 """
 from __future__ import annotations
 
 import argparse
+import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -80,7 +85,7 @@ def _loss(name: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, target) if name == "stack64" else F.mse_loss(out, target)
 
 
-def measure(name: str, ks: list[int], repeats: int, with_compile: bool) -> None:
+def measure(name: str, ks: list[int], repeats: int, with_compile: bool) -> list[str]:
     title, make, batch = WORKLOADS[name]
     torch.manual_seed(0)
     model = make()
@@ -105,11 +110,16 @@ def measure(name: str, ks: list[int], repeats: int, with_compile: bool) -> None:
         for label, m in methods.items():
             times[label].append(step(m))
     base = statistics.median(times["eager backprop"])
-    print(f"\n{title}")
+    lines = [f"### {title}", "", "| method | step (ms) | min–max (ms) | / eager backprop | paired ratio | first call (s) |",
+             "|---|---|---|---|---|---|"]
     for label, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {label:24s} {med * 1e3:8.2f} ms  [{min(ts) * 1e3:.2f}–{max(ts) * 1e3:.2f}]  "
-              f"{med / base:5.2f}×  first call {first[label]:.1f} s")
+        # each round's step over the same round's backprop step: slow drifts of the machine cancel
+        paired = statistics.median(t / b for t, b in zip(ts, times["eager backprop"]))
+        lines.append(f"| {label} | {med * 1e3:.2f} | {min(ts) * 1e3:.2f}–{max(ts) * 1e3:.2f} | {med / base:.2f}× | "
+                     f"{paired:.2f}× | {first[label]:.1f} |")
+    print("\n".join(lines), flush=True)
+    return lines + [""]
 
 
 def main() -> None:
@@ -118,9 +128,25 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[3])
     parser.add_argument("--only", nargs="+", default=list(WORKLOADS))
     parser.add_argument("--compile", action="store_true", help="add a torch.compile backprop row")
+    parser.add_argument("--write", action="store_true", help="write the tables into docs/benchmarks.md")
     args = parser.parse_args()
+    command = "python -m benchmarks.speed " + " ".join(
+        [f"--repeats {args.repeats}", *(["--compile"] if args.compile else []), "--write"])
+    lines = [f"Written by `{command}` on {platform.machine()} CPU ({torch.get_num_threads()} threads), "
+             f"torch {torch.__version__}, float32; methods interleaved in one process, median of "
+             f"{args.repeats} steps; the machine's noise shows in min–max.", ""]
     for name in args.only:
-        measure(name, args.k, args.repeats, args.compile)
+        lines += measure(name, args.k, args.repeats, args.compile)
+    if args.write:
+        page = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+        text = page.read_text()
+        block = "<!-- speed:begin -->\n" + "\n".join(lines) + "<!-- speed:end -->"
+        if "<!-- speed:begin -->" in text:
+            text = re.sub(r"<!-- speed:begin -->.*<!-- speed:end -->", lambda _: block, text, flags=re.S)
+        else:
+            text = text.replace("<!-- suite:begin -->", "## The speed issue's workloads\n\n" + block +
+                                "\n\n## The suite\n\n<!-- suite:begin -->", 1)
+        page.write_text(text)
 
 
 if __name__ == "__main__":
