@@ -202,6 +202,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--k", type=int, nargs="+", default=[0, 1, 3])
     parser.add_argument("--out", default="docs/benchmarks-gpu.md")
+    parser.add_argument("--only", nargs="+", default=None, help="workloads whose name contains one of these")
     args = parser.parse_args()
     if args.smoke:
         device, name = torch.device("cpu"), "CPU"
@@ -213,6 +214,8 @@ def main() -> None:
     command = "python -m benchmarks.gpu" + (" --smoke" if args.smoke else "")
     results = []
     for case in cases(args.smoke):
+        if args.only and not any(word in case.name for word in args.only):
+            continue
         results.append(run_case(case, device, args.k, args.repeats, deadline))
         text = render(results, name, args.smoke, command)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

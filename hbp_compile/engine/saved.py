@@ -112,18 +112,26 @@ def partition_split_layer(split_fn: fx.GraphModule, example: Sequence[torch.Tens
     return SavedLayer(forward, backward, len(outputs), tangents, backend)
 
 
+# view ops that are views for any strides; ``view`` needs compatible strides (a batched tensor's
+# may not be), so ``view_copy`` becomes ``reshape``, which copies only when it must
+_ALWAYS_VIEWS = frozenset({"t", "transpose", "permute", "expand", "slice", "select", "unsqueeze", "squeeze",
+                           "alias", "detach", "unbind", "split", "split_with_sizes", "diagonal", "narrow"})
+
+
 def _views_for_view_copies(gm: fx.GraphModule) -> None:
     """Functionalization writes views as ``*_copy`` ops (``t_copy``, ``view_copy``), which vmap has no
     batching rule for (a slow per-layer fallback). In these functional graphs nothing is mutated, so
     the view itself computes the same values."""
     for node in gm.graph.nodes:
         target = node.target
-        if node.op != "call_function" or not hasattr(target, "overloadpacket"):
+        if node.op != "call_function" or not hasattr(target, "overloadpacket") or target.namespace != "aten":
             continue
         packet = target.overloadpacket.__name__
-        if packet.endswith("_copy") and target.namespace == "aten":
-            view = getattr(torch.ops.aten, packet[: -len("_copy")], None)
-            if view is not None and hasattr(view, target._overloadname):
+        if target is torch.ops.aten.view_copy.default:
+            node.target = torch.ops.aten.reshape.default
+        elif packet.endswith("_copy") and packet[: -len("_copy")] in _ALWAYS_VIEWS:
+            view = getattr(torch.ops.aten, packet[: -len("_copy")])
+            if hasattr(view, target._overloadname):
                 node.target = getattr(view, target._overloadname)
     gm.recompile()
 
