@@ -68,3 +68,27 @@ def test_recurrence_matches_reference(device, kind, k, backend):
     want = highway_reference_grads(model, x, k) if k < 7 else autograd_grads(model, x)[1]
     got = _grads(hbp_compile(model, k=k, backend=backend), model, x)
     assert max_relative_error(got, want) < 1e-8
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hugging_face_gpt2_exact_at_k_ge_depth(device):
+    """SDPA attention: its CUDA backward lays gradients out otherwise than the CPU's."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).to(device)
+    ids = torch.randint(0, 64, (2, 16), device=device)
+
+    def loss(m):
+        return m(ids).logits.float().pow(2).mean()
+
+    model.zero_grad(set_to_none=True)
+    loss(model).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    compiled = hbp_compile(model, k=4, gamma=0.2)
+    model.zero_grad(set_to_none=True)
+    loss(compiled).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert compiled.hbp_report.num_layers == 4
+    assert max_relative_error(got, want) < 1e-4

@@ -112,8 +112,9 @@ def partition_split_layer(split_fn: fx.GraphModule, example: Sequence[torch.Tens
     return SavedLayer(forward, backward, len(outputs), tangents, backend)
 
 
-# view ops that are views for any strides; ``view`` needs compatible strides (a batched tensor's
-# may not be), so ``view_copy`` becomes ``reshape``, which copies only when it must
+# view ops that are views for any strides; ``view`` needs compatible strides, and under vmap a
+# batched value's strides may not be (GPT-2's attention backward on CUDA), so ``view`` and
+# ``view_copy`` become ``reshape``, which copies only when it must
 _ALWAYS_VIEWS = frozenset({"t", "transpose", "permute", "expand", "slice", "select", "unsqueeze", "squeeze",
                            "alias", "detach", "unbind", "split", "split_with_sizes", "diagonal", "narrow"})
 
@@ -127,7 +128,8 @@ def _views_for_view_copies(gm: fx.GraphModule) -> None:
         if node.op != "call_function" or not hasattr(target, "overloadpacket") or target.namespace != "aten":
             continue
         packet = target.overloadpacket.__name__
-        if target is torch.ops.aten.view_copy.default:
+        if target in (torch.ops.aten.view_copy.default, torch.ops.aten.view.default,
+                      torch.ops.aten._unsafe_view.default):
             node.target = torch.ops.aten.reshape.default
         elif packet.endswith("_copy") and packet[: -len("_copy")] in _ALWAYS_VIEWS:
             view = getattr(torch.ops.aten, packet[: -len("_copy")])
