@@ -23,7 +23,9 @@ import torch
 
 from ._torch_compat import FakeTensorMode
 from .detect.model import Chain
-from .engine.highway import ChainModule, ChainProgram, build_program, dry_run_backward
+from .engine.batched import dry_run_backward
+from .engine.highway import ChainModule
+from .engine.program import ChainProgram, build_program
 from .engine.layer_graphs import draw_value, random_nodes
 from .graph_order import stable_topological_sort
 

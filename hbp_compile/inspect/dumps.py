@@ -29,7 +29,7 @@ from .report import format_report
 
 if TYPE_CHECKING:
     from ..backend import GraphRecord
-    from ..engine.highway import GroupProgram
+    from ..engine.program import GroupProgram
 
 log = logging.getLogger("hbp_compile")
 

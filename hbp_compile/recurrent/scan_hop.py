@@ -19,7 +19,8 @@ from ..detect.kinds import classify_residual
 from ..detect.model import Layer
 from ..detect.ops import is_mutating, is_random, module_path
 from ..detect.segments import residual_path
-from ..engine.highway import ChainModule, ChainProgram, GroupProgram
+from ..engine.highway import ChainModule
+from ..engine.program import ChainProgram, GroupProgram
 from ..engine.layer_graphs import layer_graph, split_layer_graph
 from ..engine.layout import StateRuns
 from ..graph_order import stable_topological_sort

@@ -1,0 +1,179 @@
+"""What the engine runs for one chain: per-group graphs and where their inputs come from.
+
+``build_program`` turns a detected ``Chain`` into a ``ChainProgram``: per group a ``GroupProgram``
+with its layer graph (the forward calls it once per layer), its split-layer graph (the backward
+partitions and vmaps it) and the indices of its external inputs among the chain's side inputs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+import torch.fx as fx
+
+from ..compile import GraphKernel, compile_function, without_inductor_conv_bug
+from ..detect.model import Chain, ResidualKind
+from .iterate import IterationUsage
+from .layer_graphs import differentiable_side_outputs, layer_graph, random_nodes, split_layer_graph
+from .layout import Plan, StateRuns
+from .saved import SavedLayer, partition_split_layer
+
+
+@dataclass(frozen=True)
+class GroupProgram:
+    """What the engine needs of one group: its two graphs and where its inputs come from."""
+
+    layers: tuple[int, ...]  # 0-based layer positions; layer p maps state p to state p+1
+    layer_fn: fx.GraphModule
+    split_fn: fx.GraphModule
+    kind: ResidualKind
+    # For each external position: indices into the chain's flat side-input list, one per layer of
+    # the group (stacked) or a single one (broadcast).
+    stacked: tuple[tuple[int, tuple[int, ...]], ...]
+    broadcast: tuple[tuple[int, int], ...]
+    num_draws: int  # random ops per layer whose draws the forward records for the backward
+    # per side output of a layer (a value leaving the block to a sink): can it carry a gradient?
+    side_differentiable: tuple[bool, ...]
+    inputs: Plan  # where the group's input states (p) live among the per-run cotangents
+    outputs: Plan  # where its output states (p + 1) live
+    backend: str = "eager"  # "inductor": the two functions below are compiled, once per group
+    recompute: bool = True  # False: the forward keeps the block intermediates (engine/saved.py)
+    _partitions: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @cached_property
+    def casts_dtypes(self) -> bool:
+        """Does the block change dtypes (autocast)? aot_autograd's joint trace of such a split layer
+        dropped the cast back in the backward (torch 2.13: a bfloat16 cotangent reached a float32
+        layer norm's backward), so these groups take their VJPs through autograd instead."""
+        return any(n.op == "call_function" and n.target is torch.ops.aten._to_copy.default
+                   for n in self.split_fn.graph.nodes)
+
+    @property
+    def keeps_intermediates(self) -> bool:
+        return not self.recompute and self.num_draws == 0 and not self.casts_dtypes
+
+    def partition(self, x: torch.Tensor, externals: Sequence[torch.Tensor],
+                  need: Sequence[bool] | None = None) -> SavedLayer:
+        """The split layer ``(x_r, x_g, *externals, *draws)`` partitioned by aot_autograd (traced on one
+        layer's values), per pattern of which inputs need a gradient (by default: which externals
+        require grad)."""
+        need = tuple(need) if need is not None else (True, True, *(e.requires_grad for e in externals))
+        if need not in self._partitions:
+            self._partitions[need] = partition_split_layer(self._for_backend(self.split_fn), [x, x, *externals], need,
+                                                           self.side_differentiable, self.backend)
+        return self._partitions[need]
+
+    def in_dims(self) -> tuple[int | None, ...]:
+        """vmap's in_dims for ``(x_r, x_g, *externals, *draws)``: stacked inputs 0, broadcast None."""
+        dims: list[int | None] = [None] * (len(self.stacked) + len(self.broadcast))
+        for p, _ in self.stacked:
+            dims[p] = 0
+        return (0, 0, *dims, *[0] * self.num_draws)
+
+    @cached_property
+    def run_layer(self) -> Callable[..., object]:
+        """The layer function the forward calls once per layer of the group."""
+        return GraphKernel(self._for_backend(self.layer_fn), self.backend)
+
+    def _for_backend(self, gm: fx.GraphModule) -> fx.GraphModule:
+        return gm if self.backend == "eager" else without_inductor_conv_bug(gm)
+
+    def batched_split(self, split_fn: fx.GraphModule | None = None) -> Callable[..., object]:
+        """``(xs_r, xs_g, *externals, *draws) -> ys``: the split layer vmapped over the group's layers."""
+        return torch.func.vmap(split_fn or self.split_fn, in_dims=self.in_dims())
+
+    @cached_property
+    def run_batched(self) -> Callable[..., object]:
+        """``batched_split`` compiled: its aot_autograd backward graph is the group's batched VJP."""
+        return compile_function(self.batched_split(self._for_backend(self.split_fn)), self.backend,
+                                "hbp_batched_split")
+
+    def unpack(self, out: object) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """A layer graph's result as (y, side outputs, draws)."""
+        if not self.side_differentiable and not self.num_draws:
+            return out, (), ()  # type: ignore[return-value]
+        n_side = len(self.side_differentiable)
+        return out[0], tuple(out[1: 1 + n_side]), tuple(out[1 + n_side:])  # type: ignore[index]
+
+
+@dataclass(frozen=True)
+class ChainProgram:
+    """A chain compiled for execution: per-layer side inputs, per-group graphs, taps, k and gamma."""
+
+    num_layers: int
+    layer_group: tuple[int, ...]
+    layer_sides: tuple[tuple[int, ...], ...]
+    groups: tuple[GroupProgram, ...]
+    taps: tuple[int, ...]
+    k: int  # iterations, or at most this many when tol > 0
+    gamma: float
+    state_runs: StateRuns
+    backend: str = "eager"
+    tol: float = 0.0  # > 0: k="auto", stop when the relative change of w falls to tol (engine/iterate.py)
+    usage: IterationUsage = field(default_factory=IterationUsage, compare=False, repr=False)
+
+    @property
+    def identity_residual(self) -> bool:
+        return all(g.kind is ResidualKind.IDENTITY for g in self.groups)
+
+    def side_offsets(self) -> list[int]:
+        """Index of each layer's first side output among the chain's flat side outputs."""
+        offsets, start = [], 0
+        for group in self.layer_group:
+            offsets.append(start)
+            start += len(self.groups[group].side_differentiable)
+        return offsets
+
+    def split_draws(self, flat: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer, the draws its random ops made (``flat`` is in layer order)."""
+        out, start = [], 0
+        for group in self.layer_group:
+            count = self.groups[group].num_draws
+            out.append(tuple(flat[start: start + count]))
+            start += count
+        return out
+
+
+def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma: float,
+                  backend: str = "eager", recompute: bool = True, tol: float = 0.0) -> ChainProgram:
+    """Index every layer's externals into ``side_nodes`` (the chain's flat side-input list)."""
+    where = {node: i for i, node in enumerate(side_nodes)}
+    state_runs = StateRuns.from_kinds(chain.kinds)
+    groups = []
+    for group in chain.groups:
+        template = chain.layers[group.layers[0]]
+        stacked = tuple(
+            (p, tuple(where[chain.layers[m].externals[p]] for m in group.layers)) for p in group.stacked
+        )
+        broadcast = tuple((p, where[template.externals[p]]) for p in group.broadcast)
+        layer_fn = layer_graph(template)
+        groups.append(
+            GroupProgram(
+                layers=group.layers,
+                layer_fn=layer_fn,
+                split_fn=split_layer_graph(template),
+                kind=group.kind,
+                stacked=stacked,
+                broadcast=broadcast,
+                num_draws=len(random_nodes(template)),
+                side_differentiable=differentiable_side_outputs(template, layer_fn),
+                inputs=state_runs.plan(group.layers),
+                outputs=state_runs.plan([p + 1 for p in group.layers]),
+                backend=backend,
+                recompute=recompute,
+            )
+        )
+    return ChainProgram(
+        num_layers=chain.num_layers,
+        layer_group=tuple(layer.group for layer in chain.layers),
+        layer_sides=tuple(tuple(where[e] for e in layer.externals) for layer in chain.layers),
+        groups=tuple(groups),
+        taps=chain.taps,
+        k=k,
+        gamma=gamma,
+        state_runs=state_runs,
+        backend=backend,
+        tol=tol,
+    )
