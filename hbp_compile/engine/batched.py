@@ -34,23 +34,19 @@ class BatchedGroup:
         # grad through a synthetic base, which gave wrong weight gradients (a 1x1 conv's weight
         # read through two views). Eager autograd needs no copies.
         fresh = (lambda t: t.detach().clone()) if self.separate_weights else (lambda t: t.detach())
-        xs = torch.stack([states[p] for p in prog.layers])
+        xs, args, need, self.replay = prog.stack_inputs(states, sides, sides_need_grad, draws)
         self.x_r = fresh(xs).requires_grad_(prog.kind not in (ResidualKind.IDENTITY, ResidualKind.ZERO))
         self.x_g = xs.detach().requires_grad_()
-        n_ext = len(prog.stacked) + len(prog.broadcast)
-        args: list[torch.Tensor | None] = [None] * n_ext
         self.grad_leaves: list[tuple[torch.Tensor, int | tuple[int, ...]]] = []
         for p, idx in prog.stacked:
-            need = any(sides_need_grad[i] for i in idx)
-            args[p] = torch.stack([sides[i].detach() for i in idx]).requires_grad_(need)
-            if need:
+            args[p].requires_grad_(need[p])  # a stack of its own: no copy needed
+            if need[p]:
                 self.grad_leaves.append((args[p], idx))
         for p, i in prog.broadcast:
-            args[p] = fresh(sides[i]).requires_grad_(sides_need_grad[i])
-            if sides_need_grad[i]:
+            args[p] = fresh(args[p]).requires_grad_(need[p])
+            if need[p]:
                 self.grad_leaves.append((args[p], i))
         self.args = args
-        self.replay = [torch.stack([draws[p][j] for p in prog.layers]) for j in range(prog.num_draws)]
         self._states_graph: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
         self.side_pairs: list[tuple[int, torch.Tensor]] = []  # (side output, its cotangent)
 

@@ -101,18 +101,16 @@ class HighwayChain(torch.autograd.Function):
                     if isinstance(where, tuple):
                         # one copy into the parameters' own layout for the whole stack: AccumulateGrad
                         # then takes each layer's slice as it is instead of cloning it
-                        g = _like_sources(g, [sides[i] for i in where])
+                        g = _like_source(g, sides[where[0]])
                     for i, gi in (zip(where, g.unbind(0)) if isinstance(where, tuple) else [(where, g)]):
                         grads[i] = gi if grads[i] is None else grads[i] + gi
         return (None, w[0][0] if ctx.needs_input_grad[1] else None, *grads)
 
 
-def _like_sources(g: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``g`` (stacked per-layer gradients) laid out so that each slice has its source's strides."""
-    first = sources[0]
-    if first.is_contiguous() and not g.is_contiguous():
-        return g.contiguous()
-    return g
+def _like_source(g: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``g`` (stacked per-layer gradients) laid out so that each slice is contiguous where the
+    parameters (``source``, one of them) are."""
+    return g.contiguous() if source.is_contiguous() else g
 
 
 def _split_counts(flat: Sequence[torch.Tensor], counts: Sequence[int]) -> list[tuple[torch.Tensor, ...]]:
@@ -142,18 +140,10 @@ def _group_backward(program: ChainProgram, group: int, states: Sequence[torch.Te
         return SavedGroup(prog, partitions[group], values, sides_need_grad, like)
     if prog.casts_dtypes:
         return BatchedGroup(prog, states, sides, sides_need_grad, draws)
-    xs = torch.stack([states[p].detach() for p in prog.layers])
-    n_ext = len(prog.stacked) + len(prog.broadcast)
-    args: list[torch.Tensor | None] = [None] * n_ext
-    example: list[torch.Tensor | None] = [None] * n_ext
-    need: list[bool] = [False] * n_ext
+    xs, args, need, replay = prog.stack_inputs(states, sides, sides_need_grad, draws)
+    example = list(args)  # one layer's values: the partition is traced on them
     for p, idx in prog.stacked:
-        args[p] = torch.stack([sides[i].detach() for i in idx])
-        example[p], need[p] = sides[idx[0]], any(sides_need_grad[i] for i in idx)
-    for p, i in prog.broadcast:
-        args[p] = example[p] = sides[i].detach()
-        need[p] = sides_need_grad[i]
-    replay = [torch.stack([draws[p][j] for p in prog.layers]) for j in range(prog.num_draws)]
+        example[p] = sides[idx[0]]
     part = prog.partition(states[first], [*example, *(draws[first][j] for j in range(prog.num_draws))],
                           need=(True, True, *need, *[False] * prog.num_draws))
     out = part.batched_forward(prog.in_dims())(xs, xs, *args, *replay)

@@ -72,6 +72,22 @@ class GroupProgram:
             dims[p] = 0
         return (0, 0, *dims, *[0] * self.num_draws)
 
+    def stack_inputs(self, states: Sequence[torch.Tensor], sides: Sequence[torch.Tensor],
+                     sides_need_grad: Sequence[bool], draws: Sequence[Sequence[torch.Tensor]]
+                     ) -> tuple[torch.Tensor, list[torch.Tensor], list[bool], list[torch.Tensor]]:
+        """The group's batched inputs, detached: its input states stacked, each external (stacked over
+        the layers, or the one broadcast tensor) with whether it needs a gradient, and the draws."""
+        xs = torch.stack([states[p].detach() for p in self.layers])
+        n_ext = len(self.stacked) + len(self.broadcast)
+        args: list[torch.Tensor] = [None] * n_ext  # type: ignore[list-item]
+        need = [False] * n_ext
+        for p, idx in self.stacked:
+            args[p], need[p] = torch.stack([sides[i].detach() for i in idx]), any(sides_need_grad[i] for i in idx)
+        for p, i in self.broadcast:
+            args[p], need[p] = sides[i].detach(), sides_need_grad[i]
+        replay = [torch.stack([draws[p][j] for p in self.layers]) for j in range(self.num_draws)]
+        return xs, args, need, replay
+
     @cached_property
     def run_layer(self) -> Callable[..., object]:
         """The layer function the forward calls once per layer of the group."""

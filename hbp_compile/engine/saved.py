@@ -1,15 +1,15 @@
-"""``recompute=False``: keep the block intermediates of the forward instead of recomputing them.
+"""The chain's backward from aot_autograd's partition of the split layer.
 
-By default (``recompute=True``) the chain's forward keeps only the states, and the backward reruns
-each group's split layer once, batched over its layers, to get the values its VJPs need: memory of
-the states only, like activation checkpointing, for one extra batched forward per backward.
+aot_autograd partitions the split layer ``(x_r, x_g, *externals, *draws) -> y`` into a *saving
+forward*, which also returns what its backward reads, and that *backward graph*, whose result is
+linear in the cotangent. ``SavedGroup`` vmaps the backward graph over a group's stacked saved values
+and calls it for every VJP of a backward. The saved values come from:
 
-With ``recompute=False`` aot_autograd partitions the split layer ``(x_r, x_g, *externals) -> y``
-into a forward that also returns what its backward reads, and that backward graph. The chain's
-forward runs the first once per layer and keeps its saved values (memory like backprop's); the
-backward vmaps the second over the group's stacked saved values, and runs no forward at all.
-Groups with random ops (dropout) keep recomputing: their forward must draw as the model does, and
-the split layer replays draws instead of making them.
+* ``recompute=True`` (default): one run of the saving forward inside the backward, vmapped over the
+  group's layers (the chain's forward keeps only the states, like activation checkpointing);
+* ``recompute=False``: the chain's forward, which runs the saving forward once per layer and keeps
+  its values (memory like backprop's). Groups with random ops (dropout) keep recomputing: their
+  forward must draw as the model does, and the split layer replays draws instead of making them.
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ _ALWAYS_VIEWS = frozenset({"t", "transpose", "permute", "expand", "slice", "sele
 def _views_for_view_copies(gm: fx.GraphModule) -> None:
     """Functionalization writes views as ``*_copy`` ops (``t_copy``, ``view_copy``), which vmap has no
     batching rule for (a slow per-layer fallback). In these functional graphs nothing is mutated, so
-    the view itself computes the same values."""
+    the view itself (``reshape`` for ``view``) computes the same values."""
     for node in gm.graph.nodes:
         target = node.target
         if node.op != "call_function" or not hasattr(target, "overloadpacket") or target.namespace != "aten":
@@ -139,8 +139,8 @@ def _views_for_view_copies(gm: fx.GraphModule) -> None:
 
 
 class SavedGroup:
-    """A group's backward from the values its layers' forward kept: the interface of the recomputing
-    ``_BatchedGroup`` (residual Jacobian, block VJP, side-output and weight gradients)."""
+    """A group's backward from its stacked saved values: residual Jacobian, block VJP, side-output and
+    weight gradients (the interface ``engine/batched.py``'s ``BatchedGroup`` shares)."""
 
     def __init__(self, prog, saved: SavedLayer, values: Sequence[torch.Tensor],
                  sides_need_grad: Sequence[bool], like: torch.Tensor):

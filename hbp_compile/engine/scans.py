@@ -23,12 +23,7 @@ def reverse_cumsum(c: torch.Tensor) -> torch.Tensor:
     >>> reverse_cumsum(torch.tensor([1., 2., 3.]))
     tensor([6., 5., 3.])
     """
-    if native_scan.available(c):
-        c = c.contiguous()
-        out = torch.empty_like(c)
-        native_scan.reverse_scan_into(out, c, None, None)
-        return out
-    return c.flip(0).cumsum(0).flip(0)
+    return ResidualScan(None, c.shape[0])(c)
 
 
 def linear_scan(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine.iterate import IterationUsage, run_iterations
+from ..engine.iterate import run_iterations
 from ..engine.scans import ResidualScan, linear_scan
 from ..compile import compile_function
 from .cells import CELLS, Coefficients
@@ -111,7 +111,7 @@ def _coefficients(mode: str, backend: str):
 
 def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, states: Tensor, input: Tensor,
                      weights: Sequence[Tensor | None], needs_grad: Sequence[bool], tol: float = 0.0,
-                     usage: IterationUsage | None = None, backend: str = "eager") -> list[Tensor | None]:
+                     backend: str = "eager") -> list[Tensor | None]:
     """Gradients of ``(input, state0, w_ih, w_hh, b_ih, b_hh)`` given the cotangents of all states.
 
     The cell's VJP coefficients are computed once (``cells.py``); an iteration is then one multiply,
@@ -143,10 +143,7 @@ def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, state
         out = buffers[0] if buffers[0] is not w[0] else buffers[1]
         return [scan(a, v, out=out)]
 
-    (w,), used = run_iterations([scan(a)], step, max_iterations=min(k, steps),
-                                tol=tol, what=f"recurrence {mode}")
-    if usage is not None:
-        usage.record(used)
+    (w,), _ = run_iterations([scan(a)], step, max_iterations=min(k, steps), tol=tol, what=f"recurrence {mode}")
     cell.hidden_cotangent(coef, w[1:], out=d_gh)
     flat = d_gh.flatten(0, 1).flatten(1)
     grad_w_hh = flat.t() @ x[:, hidden].flatten(0, -2) if needs_grad[3] else None
