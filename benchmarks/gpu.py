@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from hbp_compile import hbp_compile
 
-from .workloads import PreLNStack, RecurrentLM, ResNet, _gpt2
+from .workloads import PreLNStack, RecurrentLM, ResNet, _ce, _gpt2, _lm
+from .workloads import _sequence_ce as _seq_ce
 
 # The paper's Table 6 (one GPU, ms per training step; HIGHWAY_BP.md §5), as HBP k=3 / backprop.
 PAPER_K3_RATIO = {"GRU T=256": 97 / 209, "GRU T=1024": 210 / 715}
@@ -58,19 +58,6 @@ class Row:
 class Result:
     case: str
     rows: list[Row] = field(default_factory=list)
-
-
-def _ce(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1])
-
-
-def _seq_ce(model, batch):
-    return F.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten())
-
-
-def _lm(model, batch):
-    ids = batch[0]
-    return F.cross_entropy(model(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
 def cases(smoke: bool) -> list[Case]:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from hbp_compile import hbp_compile
 
+from .workloads import PreLNStack
+
 
 class GRUNet(nn.Module):
     """Linear -> nn.GRU -> Linear head reading every state (the issue's recurrence workload)."""
@@ -53,19 +55,6 @@ class GRUCellNet(nn.Module):
         return self.head(torch.stack(outs))
 
 
-class PreLNStack(nn.Module):
-    def __init__(self, depth: int = 64, d: int = 32):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)) for _ in range(depth))
-        self.head = nn.Linear(d, 10)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x)
-        return self.head(x)
-
-
 def _seq(T: int, B: int = 32, din: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return torch.randn(T, B, din, generator=g), torch.randn(T, B, din, generator=g)
@@ -75,7 +64,7 @@ WORKLOADS: dict[str, tuple[str, Callable[[], nn.Module], Callable[[], tuple]]] =
     "gru256": ("Linear→nn.GRU→head, T=256 (d=64, B=32)", GRUNet, lambda: _seq(256)),
     "gru1024": ("Linear→nn.GRU→head, T=1024 (d=64, B=32)", GRUNet, lambda: _seq(1024)),
     "cell256": ("loop over nn.GRUCell, T=256 (d=64, B=32)", GRUCellNet, lambda: _seq(256)),
-    "stack64": ("pre-LN MLP L=64 (d=32, B=8)", PreLNStack,
+    "stack64": ("pre-LN MLP L=64 (d=32, B=8)", lambda: PreLNStack(64, 32),
                 lambda: (torch.randn(8, 32, generator=torch.Generator().manual_seed(0)),
                          torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1)))),
 }
