@@ -5,7 +5,7 @@
 import logging
 
 from .api import HighwayModule, explain, hbp_compile
-from .backend import Fallback, GraphRecord, HbpBackend, hbp_backend
+from .backend import Fallback, GraphRecord, HbpBackend, HbpError, hbp_backend
 from .detect import Chain, Group, Layer, ResidualKind, find_residual_chains
 from .inspect import Report
 from .options import HbpOptions
@@ -22,6 +22,7 @@ __all__ = [
     "GraphRecord",
     "Group",
     "HbpBackend",
+    "HbpError",
     "HbpOptions",
     "HighwayModule",
     "Layer",

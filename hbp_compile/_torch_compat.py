@@ -13,6 +13,7 @@ from torch.fx.experimental.proxy_tensor import make_fx  # noqa: F401
 from torch.fx.experimental.symbolic_shapes import is_concrete_int  # noqa: F401
 from torch.fx.traceback import preserve_node_meta  # noqa: F401
 from torch._functorch.partitioners import default_partition  # noqa: F401
+from torch._dynamo.exc import FailOnRecompileLimitHit as RecompileLimitHit  # noqa: F401
 
 
 
@@ -22,6 +23,20 @@ def capturing_rnns():
     from torch._dynamo import config
 
     return config.patch(allow_rnn=True)
+
+
+def failing_on_recompile_limit():
+    """Past ``recompile_limit``, dynamo silently runs a frame uncompiled; with this it raises
+    ``RecompileLimitHit`` instead, so that the caller can say that Highway-BP stopped."""
+    from torch._dynamo import config
+
+    return config.patch(fail_on_recompile_limit_hit=True)
+
+
+def recompile_limit() -> int:
+    from torch._dynamo import config
+
+    return config.recompile_limit
 
 
 def inductor_compile_graph(gm, example_inputs, options):
@@ -50,6 +65,9 @@ __all__ = [
     "default_partition",
     "FakeTensorMode",
     "capturing_rnns",
+    "failing_on_recompile_limit",
+    "RecompileLimitHit",
+    "recompile_limit",
     "outside_dynamo_tracing",
     "detect_fake_mode",
     "inductor_compile_graph",

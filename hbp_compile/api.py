@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ._torch_compat import capturing_rnns
+from ._torch_compat import RecompileLimitHit, capturing_rnns, failing_on_recompile_limit, recompile_limit
 from .backend import HbpBackend
 from .compile import fresh_function
 from .engine.highway import ChainModule
@@ -36,10 +37,31 @@ class HighwayModule(torch.nn.Module):
         self.hbp_options = options
         self.hbp_backend = HbpBackend(options)
         self._compiled = torch.compile(_fresh_entry(model), backend=self.hbp_backend, dynamic=False)
+        self.uncaptured_calls = 0  # calls that ran the original model: past the recompile limit, or never captured
+        self._warned_uncaptured = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with capturing_rnns():
-            return self._compiled(*args, **kwargs)
+        try:
+            with capturing_rnns(), failing_on_recompile_limit():
+                out = self._compiled(*args, **kwargs)
+        except RecompileLimitHit:
+            self._warn_uncaptured(
+                f"this call needed a new compilation past torch._dynamo.config.recompile_limit "
+                f"({recompile_limit()} per model): it ran the original model with exact backprop, as will "
+                "every later call with unseen input shapes. Pad inputs to a few fixed shapes (e.g. "
+                "bucket sequence lengths), or raise the limit")
+            return self._orig_mod(*args, **kwargs)
+        if not self.hbp_backend.records and torch.is_grad_enabled() and not self._warned_uncaptured:
+            self._warn_uncaptured(
+                "the forward ran without torch.compile capturing any graph (is the model's forward "
+                "decorated with torch.compiler.disable, or dynamo disabled?): it trained with exact backprop")
+        return out
+
+    def _warn_uncaptured(self, why: str) -> None:
+        self.uncaptured_calls += 1
+        if not self._warned_uncaptured:
+            self._warned_uncaptured = True
+            warnings.warn(f"hbp_compile: {why}", UserWarning, stacklevel=3)
 
     def __deepcopy__(self, memo: dict) -> "HighwayModule":
         """A compiled copy of a deep copy of the model (the captured graphs hold fake tensors and
@@ -83,7 +105,7 @@ class HighwayModule(torch.nn.Module):
 
 def hbp_compile(model: torch.nn.Module, k: int | str = 3, *, gamma: float = 0.0, backend: str = "inductor",
                 recompute: bool = True, tol: float = 1e-3, k_max: int | None = None, min_layers: int = 2,
-                debug_dir: str | None = None) -> HighwayModule:
+                debug_dir: str | None = None, strict: bool | None = None) -> HighwayModule:
     """Train ``model`` with Highway backpropagation truncated at ``k`` iterations.
 
     The model is captured with torch.compile on its first call; its chains of residual layers get a
@@ -107,7 +129,7 @@ def hbp_compile(model: torch.nn.Module, k: int | str = 3, *, gamma: float = 0.0,
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"hbp_compile: model must be a torch.nn.Module, got {type(model).__name__}")
     options = HbpOptions(k=k, gamma=gamma, backend=backend, recompute=recompute, min_layers=min_layers,
-                         debug_dir=debug_dir, tol=tol, k_max=k_max)
+                         debug_dir=debug_dir, tol=tol, k_max=k_max, strict=strict)
     return HighwayModule(model, options)
 
 

@@ -3,14 +3,17 @@
 One ``HbpBackend`` object is built per option set and reused, since a new backend per call makes
 dynamo recompile (pytorch #168373). It keeps a ``GraphRecord`` per captured graph: the chains found,
 or a ``Fallback`` reason with the exception behind it. A graph that cannot be rewritten runs the
-captured graph as is (exact backprop) and says so with a ``UserWarning`` — never silently.
+captured graph as is (exact backprop) and says so with a ``UserWarning`` — never silently. Every
+stage's failure takes the same path (``_stage``): one ``Fallback`` reason per stage, and with
+``strict=True`` (or ``HBP_STRICT=1``) an ``HbpError`` instead of the fallback.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,19 +28,51 @@ from .recurrent.cell_loops import CELL_CALLS, swap_cell_loops
 from .recurrent.scan_hop import rewrite_scans
 from .recurrent.swap import RNN_CALLS, Recurrence, swap_recurrences
 from .rewrite import rewrite_chains
-from .verify import forward_mismatch, needs_forward_check
+from .unsupported import find_unsupported_features
+from .verify import dry_run, forward_mismatch, needs_forward_check
 
 log = logging.getLogger("hbp_compile")
 
 
 class Fallback(enum.Enum):
-    """Why a captured graph trains with exact backprop."""
+    """Why a captured graph trains with exact backprop: one reason per pipeline stage."""
 
     GRAD_DISABLED = "gradients are disabled (inference): nothing to rewrite"
+    UNSUPPORTED = "the graph uses a feature Highway-BP cannot honour"
+    RECURRENCE_FAILED = "rewriting a recurrence failed"
     CAPTURE_FAILED = "lowering to an aten graph failed"
+    DETECTION_FAILED = "detecting residual chains failed"
     NO_CHAIN = "no residual chain found"
     REWRITE_FAILED = "the rewrite failed"
     FORWARD_MISMATCH = "the rewritten forward does not reproduce the model's"
+    DRY_RUN_FAILED = "the rewritten graph failed its compile-time training step"
+    COMPILE_FAILED = "compiling the rewritten graph failed"
+
+    @property
+    def is_failure(self) -> bool:
+        """A failure (raised under ``strict``), as opposed to a graph with nothing to rewrite."""
+        return self not in (Fallback.GRAD_DISABLED, Fallback.NO_CHAIN)
+
+
+class HbpError(RuntimeError):
+    """Raised instead of falling back to exact backprop when ``strict=True`` (or ``HBP_STRICT=1``)."""
+
+
+class _StageFailed(Exception):
+    def __init__(self, why: Fallback, detail: str):
+        super().__init__(detail)
+        self.why, self.detail = why, detail
+
+
+@contextlib.contextmanager
+def _stage(why: Fallback) -> Iterator[None]:
+    """Any exception of the stage becomes this stage's fallback (the one path every failure takes)."""
+    try:
+        yield
+    except _StageFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug of the pass must not break training: fall back, say why
+        raise _StageFailed(why, f"{type(exc).__name__}: {exc}") from exc
 
 
 @dataclass
@@ -94,51 +129,57 @@ class HbpBackend:
     def _compile(self, record: GraphRecord, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
         if not torch.is_grad_enabled():
             return self._fallback(record, Fallback.GRAD_DISABLED, warn=False)
+        try:
+            return self._rewrite(record, gm, example_inputs)
+        except _StageFailed as failed:
+            return self._fallback(record, failed.why, failed.detail, failed.__cause__)
+
+    def _rewrite(self, record: GraphRecord, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
+        o = self.options
+        unsupported = find_unsupported_features(gm)
+        if unsupported:
+            raise _StageFailed(Fallback.UNSUPPORTED, "; ".join(unsupported))
         to_capture = gm
-        if any(node.target in RNN_CALLS or node.target in CELL_CALLS for node in gm.graph.nodes):
-            to_capture = fx.GraphModule(gm, _copy_graph(gm.graph))
-            k, gamma, tol = self.options.max_iterations, self.options.gamma, self.options.stop_tol
-            backend = self.options.backend
-            record.recurrences = (swap_recurrences(to_capture, k=k, gamma=gamma, tol=tol, backend=backend)
-                                  + swap_cell_loops(to_capture, k=k, gamma=gamma, min_steps=self.options.min_layers,
-                                                    tol=tol, backend=backend))
-        try:
+        with _stage(Fallback.RECURRENCE_FAILED):
+            if any(node.target in RNN_CALLS or node.target in CELL_CALLS for node in gm.graph.nodes):
+                to_capture = fx.GraphModule(gm, _copy_graph(gm.graph))
+                record.recurrences = (
+                    swap_recurrences(to_capture, k=o.max_iterations, gamma=o.gamma, tol=o.stop_tol, backend=o.backend)
+                    + swap_cell_loops(to_capture, k=o.max_iterations, gamma=o.gamma, min_steps=o.min_layers,
+                                      tol=o.stop_tol, backend=o.backend))
+        with _stage(Fallback.CAPTURE_FAILED):
             record.aten_graph = to_aten_graph(to_capture, example_inputs)
-        except Exception as exc:  # noqa: BLE001 - any capture failure means: train exactly, and say why
-            return self._fallback(record, Fallback.CAPTURE_FAILED, f"{type(exc).__name__}: {exc}", exc)
-        if self.options.debug_dir:
+        if o.debug_dir:
             record.aten_code = record.aten_graph.print_readable(print_output=False)
-        try:
-            record.recurrences += rewrite_scans(
-                record.aten_graph, k=self.options.max_iterations, gamma=self.options.gamma,
-                backend=self.options.backend, tol=self.options.stop_tol)
-        except Exception as exc:  # noqa: BLE001
-            return self._fallback(record, Fallback.REWRITE_FAILED, f"{type(exc).__name__}: {exc}", exc)
-        record.detection = find_residual_chains(record.aten_graph.graph, min_layers=self.options.min_layers)
-        swapped = any(r.swapped for r in record.recurrences)
-        if not record.detection.chains and not swapped:
+        with _stage(Fallback.RECURRENCE_FAILED):
+            record.recurrences += rewrite_scans(record.aten_graph, k=o.max_iterations, gamma=o.gamma,
+                                                backend=o.backend, tol=o.stop_tol)
+        with _stage(Fallback.DETECTION_FAILED):
+            record.detection = find_residual_chains(record.aten_graph.graph, min_layers=o.min_layers)
+        if not record.detection.chains and not any(r.swapped for r in record.recurrences):
             why = "; ".join([*record.detection.notes, *(r.describe() for r in record.recurrences)])
-            return self._fallback(record, Fallback.NO_CHAIN, why)
+            raise _StageFailed(Fallback.NO_CHAIN, why)
+        check_forward = needs_forward_check(record.aten_graph.graph)
+        with _stage(Fallback.REWRITE_FAILED):
+            record.rewritten = rewrite_chains(
+                record.aten_graph, record.detection.chains, k=o.max_iterations, gamma=o.gamma,
+                backend=o.backend, recompute=o.recompute, tol=o.stop_tol,
+            ) if record.detection.chains else record.aten_graph
+        if check_forward:
+            with _stage(Fallback.DRY_RUN_FAILED):
+                # compiled layer functions round differently from eager: equal up to rounding is the check
+                mismatch = forward_mismatch(gm.forward, record.rewritten.forward, example_inputs,
+                                            exact=o.backend == "eager")
+            if mismatch:
+                raise _StageFailed(Fallback.FORWARD_MISMATCH, mismatch)
+        with _stage(Fallback.DRY_RUN_FAILED):
+            dry_run(record.rewritten, example_inputs)
         if self.explain_only:
             return gm.forward
-        check_forward = needs_forward_check(record.aten_graph.graph)
-        try:
-            record.rewritten = rewrite_chains(
-                record.aten_graph, record.detection.chains, k=self.options.max_iterations,
-                gamma=self.options.gamma, backend=self.options.backend, recompute=self.options.recompute,
-                tol=self.options.stop_tol,
-            ) if record.detection.chains else record.aten_graph
-        except Exception as exc:  # noqa: BLE001
-            return self._fallback(record, Fallback.REWRITE_FAILED, f"{type(exc).__name__}: {exc}", exc)
-        if check_forward:
-            # compiled layer functions round differently from eager: equal up to rounding is the check
-            mismatch = forward_mismatch(gm.forward, record.rewritten.forward, example_inputs,
-                                        exact=self.options.backend == "eager")
-            if mismatch:
-                return self._fallback(record, Fallback.FORWARD_MISMATCH, mismatch)
-        log.info("graph %d: %d residual layer(s) rewritten, backend %s", record.index, record.num_layers,
-                 self.options.backend)
-        return compile_rewritten(record.rewritten, self.options.backend)
+        with _stage(Fallback.COMPILE_FAILED):
+            compiled = compile_rewritten(record.rewritten, o.backend)
+        log.info("graph %d: %d residual layer(s) rewritten, backend %s", record.index, record.num_layers, o.backend)
+        return compiled
 
     def _fallback(self, record: GraphRecord, why: Fallback, detail: str = "",
                   exc: BaseException | None = None, *, warn: bool = True) -> Callable:
@@ -147,7 +188,12 @@ class HbpBackend:
         if detail:
             message += f" ({detail})"
         log.info(message)
-        if warn and not self.explain_only:
+        if self.explain_only:
+            return record.dynamo_graph.forward
+        if self.options.strict and why.is_failure:
+            raise HbpError(f"{message} [strict mode: unset HBP_STRICT / pass strict=False to fall back "
+                           "instead]") from exc
+        if warn:
             warnings.warn(message, UserWarning, stacklevel=2)
         return record.dynamo_graph.forward
 

@@ -78,8 +78,9 @@ def merge_repeated_input_ops(graph: fx.Graph) -> int:
     """Merge identical pure ops applied to graph inputs (``t(W)`` once per use of a shared weight).
 
     Without it a weight shared by every layer (an RNN cell's) looks like a different input per layer
-    and would be stacked L times instead of broadcast. Random and mutating ops are never merged.
-    Returns the number of nodes merged.
+    and would be stacked L times instead of broadcast. Random and mutating ops are never merged, nor
+    ops without inputs (two ``zeros()`` are two tensors) or ops the graph returns (the outputs
+    would alias). Returns the number of nodes merged.
     """
     seen: dict[tuple, fx.Node] = {}
     merged = 0
@@ -89,7 +90,10 @@ def merge_repeated_input_ops(graph: fx.Graph) -> int:
         tags = node.target.tags
         if torch.Tag.nondeterministic_seeded in tags or node.target._schema.is_mutable:
             continue
-        if not all(arg.op in ("placeholder", "get_attr") for arg in node.all_input_nodes):
+        inputs = node.all_input_nodes
+        if not inputs or not all(arg.op in ("placeholder", "get_attr") for arg in inputs):
+            continue
+        if any(user.op == "output" for user in node.users):
             continue
         key = (node.target, repr(node.args), repr(node.kwargs))
         if key in seen:

@@ -26,6 +26,9 @@ class HbpOptions:
       checkpointing); ``False`` keeps them from the forward (memory like backprop, no extra forward).
     * ``min_layers``: shortest chain worth rewriting.
     * ``debug_dir``: where dumps go (default: ``$HBP_DEBUG_DIR``).
+    * ``strict``: raise instead of falling back to exact backprop when a graph cannot be rewritten
+      (a failing stage, an unsupported feature, a forward mismatch); graphs with no chain and
+      inference still run as they are. Default: ``$HBP_STRICT`` (``1`` turns it on), else False.
 
     >>> HbpOptions.from_mapping({"k": 2, "gamma": 0.2}).k
     2
@@ -39,6 +42,7 @@ class HbpOptions:
     debug_dir: str | None = None
     tol: float = 1e-3
     k_max: int | None = None
+    strict: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.k, str):
@@ -62,6 +66,10 @@ class HbpOptions:
             raise TypeError(f"hbp_compile: recompute must be True or False, got {self.recompute!r}")
         if isinstance(self.min_layers, bool) or not isinstance(self.min_layers, int) or self.min_layers < 1:
             raise ValueError(f"hbp_compile: min_layers must be an int >= 1, got {self.min_layers!r}")
+        if self.strict is None:
+            object.__setattr__(self, "strict", os.environ.get("HBP_STRICT", "") not in ("", "0"))
+        elif not isinstance(self.strict, bool):
+            raise TypeError(f"hbp_compile: strict must be True, False or None, got {self.strict!r}")
         if self.k != "auto":
             object.__setattr__(self, "k", int(self.k))
         object.__setattr__(self, "tol", float(self.tol))

@@ -1,13 +1,21 @@
-"""Compile-time check that the rewritten graph computes the model's forward, bit for bit.
+"""Compile-time checks of the rewritten graph: its forward is the model's, bit for bit, and one
+training step (forward and backward) runs.
 
 Deterministic, non-mutating graphs run the same aten ops in the same order and need no check. A
 graph with random ops or buffer updates can go wrong in ways no static rule sees (a kernel that eager
 mode picks differently from tracing draws other random numbers), so for those the backend runs the
 captured graph and the rewritten one once on clones of the real example inputs, from the same
 random-number state, and compares outputs and mutated inputs. The global RNG state is restored.
+
+``dry_run`` then takes one training step of the rewritten graph on clones of the example inputs,
+so every kernel of the backward (batched VJPs for weights and states, partitioned ``recompute=False``
+graphs, scans, recurrence ops, Inductor's code for all of them) is built and run before the first
+real step: a failure becomes a fallback with its reason instead of an error in the middle of
+training. The compiled kernels are cached by shape, so the first real step reuses them.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,14 +33,45 @@ def needs_forward_check(graph: fx.Graph) -> bool:
 def _run(fn: Callable, inputs: Sequence[object], cpu_state: torch.Tensor, cuda_states: list) -> tuple:
     # Grad mode and requires_grad as in training: kernel choices depend on them (SDPA picks another
     # CPU kernel under no_grad, which draws its dropout differently).
-    args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-            for a in inputs]
+    args = _clones(inputs)
     torch.random.set_rng_state(cpu_state)
     if cuda_states:
         torch.cuda.set_rng_state_all(cuda_states)
     with torch.enable_grad():
         out = fn(*args)
     return pytree.tree_leaves(out), args
+
+
+def _clones(inputs: Sequence[object]) -> list[object]:
+    return [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+            for a in inputs]
+
+
+def dry_run(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
+    """One forward and backward of ``gm`` on clones of ``inputs`` (random state restored, cotangents
+    of ones, gradients discarded); the iteration counts it adds to ``hbp_iterations`` are reset."""
+    on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in inputs)
+    log = logging.getLogger("hbp_compile")
+    was_disabled, log.disabled = log.disabled, True  # its iteration counts are not the training's
+    try:
+        _step(gm, inputs, on_cuda)
+    finally:
+        log.disabled = was_disabled
+    for module in gm.modules():
+        usage = getattr(getattr(module, "program", None), "usage", None)
+        if usage is not None:
+            usage.reset()
+
+
+def _step(gm: fx.GraphModule, inputs: Sequence[object], on_cuda: bool) -> None:
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if on_cuda else []):
+        args = _clones(inputs)
+        with torch.enable_grad():
+            outs = [o for o in pytree.tree_leaves(gm(*args))
+                    if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()]
+            wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            if outs and wrt:
+                torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
 
 
 def _identical(a: object, b: object) -> bool:

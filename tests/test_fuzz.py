@@ -4,7 +4,6 @@ second on CPU), so 200 examples stay well inside the suite's budget."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -62,7 +62,7 @@ def test_double_backward_is_refused_clearly():
     model = make(mlp_stack(3, d=4, hidden=8))
     compiled = hbp_compile(model, k=1, backend="eager")
     loss = compiled(x_for())
-    with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
+    with pytest.raises(RuntimeError, match="hbp_compile: double backward"):
         (grad,) = torch.autograd.grad(loss, model.layers[0].fc1.weight, create_graph=True)
         grad.sum().backward()
 

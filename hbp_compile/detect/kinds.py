@@ -8,7 +8,7 @@ also makes reports readable: ``r = x + z0, K = 1``.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import sympy
 import torch
@@ -23,22 +23,37 @@ def _alpha(node: fx.Node) -> sympy.Expr:
     return sympy.sympify(node.kwargs.get("alpha", 1))
 
 
-# Pointwise aten packets with a closed form. Anything else becomes an opaque sympy Function, whose
-# derivative is symbolic: the kind is then DIAGONAL (computed numerically), which is always safe.
-_SYMPY_OPS = {
-    _aten.add: lambda n, a: a[0] + _alpha(n) * a[1],
-    _aten.sub: lambda n, a: a[0] - _alpha(n) * a[1],
-    _aten.rsub: lambda n, a: a[1] - _alpha(n) * a[0],
-    _aten.mul: lambda n, a: a[0] * a[1],
-    _aten.div: lambda n, a: a[0] / a[1],
-    _aten.neg: lambda n, a: -a[0],
-    _aten.relu: lambda n, a: sympy.Max(0, a[0]),
-    _aten.sigmoid: lambda n, a: 1 / (1 + sympy.exp(-a[0])),
-    _aten.tanh: lambda n, a: sympy.tanh(a[0]),
-    _aten.exp: lambda n, a: sympy.exp(a[0]),
-    _aten.clone: lambda n, a: a[0],
-    _aten.alias: lambda n, a: a[0],
+# Pointwise aten overloads with a closed form, and the keyword arguments each rule reads. Keyed by
+# overload, not by op family: ``div.Tensor_mode`` (rounding) or an unknown keyword is not the formula
+# below. Anything else becomes an opaque sympy Function, whose derivative is symbolic: the kind is
+# then DIAGONAL (computed numerically), which is always safe.
+_ARITH = {"alpha"}
+_SYMPY_OPS: dict[object, tuple[Callable[[fx.Node, list], sympy.Expr], set[str]]] = {
+    _aten.add.Tensor: (lambda n, a: a[0] + _alpha(n) * a[1], _ARITH),
+    _aten.add.Scalar: (lambda n, a: a[0] + _alpha(n) * a[1], _ARITH),
+    _aten.sub.Tensor: (lambda n, a: a[0] - _alpha(n) * a[1], _ARITH),
+    _aten.sub.Scalar: (lambda n, a: a[0] - _alpha(n) * a[1], _ARITH),
+    _aten.rsub.Tensor: (lambda n, a: a[1] - _alpha(n) * a[0], _ARITH),
+    _aten.rsub.Scalar: (lambda n, a: a[1] - _alpha(n) * a[0], _ARITH),
+    _aten.mul.Tensor: (lambda n, a: a[0] * a[1], set()),
+    _aten.mul.Scalar: (lambda n, a: a[0] * a[1], set()),
+    _aten.div.Tensor: (lambda n, a: a[0] / a[1], set()),
+    _aten.div.Scalar: (lambda n, a: a[0] / a[1], set()),
+    _aten.neg.default: (lambda n, a: -a[0], set()),
+    _aten.relu.default: (lambda n, a: sympy.Max(0, a[0]), set()),
+    _aten.sigmoid.default: (lambda n, a: 1 / (1 + sympy.exp(-a[0])), set()),
+    _aten.tanh.default: (lambda n, a: sympy.tanh(a[0]), set()),
+    _aten.exp.default: (lambda n, a: sympy.exp(a[0]), set()),
+    _aten.clone.default: (lambda n, a: a[0], {"memory_format"}),
+    _aten.alias.default: (lambda n, a: a[0], set()),
 }
+
+
+def _closed_form(node: fx.Node) -> Callable[[fx.Node, list], sympy.Expr] | None:
+    rule, known_kwargs = _SYMPY_OPS.get(node.target, (None, set()))
+    if rule is None or not set(node.kwargs) <= known_kwargs:
+        return None
+    return rule
 
 
 def residual_expression(
@@ -73,11 +88,11 @@ def residual_expression(
             env[node] = layer_norms[node.args[0]]
             continue
         args = [value(a) for a in node.args]
-        packet = getattr(node.target, "overloadpacket", None)
-        rule = _SYMPY_OPS.get(packet)
+        rule = _closed_form(node)
         if rule is not None:
             env[node] = rule(node, args)
         else:
+            packet = getattr(node.target, "overloadpacket", None)
             env[node] = sympy.Function(getattr(packet, "__name__", str(node.target)))(*args)
     return env[residual[-1]], xs
 

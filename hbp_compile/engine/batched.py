@@ -1,8 +1,7 @@
 """The batched split layer under autograd: ``vmap(split)`` and ``torch.autograd.grad``.
 
 The engine's own backward calls aot_autograd's partitioned graphs directly (``engine/saved.py``);
-this path serves what those cannot: blocks that cast dtypes (their joint trace lost a cast), and the
-compile-time dry run on fake tensors, which checks that every op of a block can be batched.
+this path serves what those cannot: blocks that cast dtypes (their joint trace lost a cast).
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from ..detect.model import ResidualKind
-from .program import ChainProgram, GroupProgram
+from .program import GroupProgram
 
 
 class BatchedGroup:
@@ -124,14 +123,3 @@ class BatchedGroup:
         cotangents = [cotangent] + [c for _, c in self.side_pairs]
         grads = torch.autograd.grad(outputs, [leaf for leaf, _ in self.grad_leaves], cotangents, allow_unused=True)
         return [(g, where) for g, (_, where) in zip(grads, self.grad_leaves) if g is not None]
-
-
-def dry_run_backward(program: ChainProgram, states: Sequence[torch.Tensor], sides: Sequence[torch.Tensor],
-                     sides_need_grad: Sequence[bool], draws: Sequence[Sequence[torch.Tensor]]) -> None:
-    """Build every group's batched graph and take one VJP of each kind (for fake tensors at compile time)."""
-    with torch.enable_grad():
-        for prog in program.groups:
-            b = BatchedGroup(prog, states, sides, sides_need_grad, draws, compiled=False)
-            b.residual_jacobian()
-            b.block_vjp(torch.ones_like(b.y))
-            b.side_grads(torch.ones_like(b.y))

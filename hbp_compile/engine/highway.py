@@ -12,7 +12,7 @@ Backward, for a chain ``h_0 -> ... -> h_L`` with cotangents ``a_i`` on the state
 
 After ``L`` iterations ``w`` is exact, so ``k >= L`` costs ``L`` iterations, not ``k``. The programs
 it runs are built in ``engine/program.py``; ``engine/batched.py`` is the autograd path for blocks
-that cast dtypes and for the compile-time dry run.
+that cast dtypes.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from ..detect.model import ResidualKind
 from .batched import BatchedGroup
-from .iterate import run_iterations
+from .iterate import refuse_double_backward, run_iterations
 from .layout import gather, scatter_add_
 from .program import ChainProgram
 from .saved import SavedGroup, SavedLayer
@@ -67,8 +67,13 @@ class HighwayChain(torch.autograd.Function):
         return (states[-1], *(states[t] for t in program.taps), *side_outputs)
 
     @staticmethod
-    @once_differentiable  # a second derivative of the estimate would be silently wrong: refuse it
-    def backward(ctx, grad_out: torch.Tensor | None, *grad_rest: torch.Tensor | None):  # type: ignore[override]
+    def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
+        refuse_double_backward("chain")  # before once_differentiable, which would hide create_graph
+        return HighwayChain._backward(ctx, *grads)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx, grad_out: torch.Tensor | None, *grad_rest: torch.Tensor | None):
         program: ChainProgram = ctx.program
         saved = ctx.saved_tensors
         n = program.num_layers

@@ -29,6 +29,16 @@ def relative_change(new: Sequence[torch.Tensor], old: Sequence[torch.Tensor]) ->
     return 0.0 if diff == 0 else diff / base if base > 0 else float("inf")
 
 
+def refuse_double_backward(where: str) -> None:
+    """Raise when a Highway-BP backward runs under ``create_graph=True`` (grad mode on in backward):
+    the estimate's derivative is not a second derivative of the model, so it must never be returned."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"hbp_compile: double backward (create_graph=True) through a Highway-BP {where} is not "
+            "supported: its backward is an estimate, and its derivative is not a second derivative of "
+            "the model. Use the original model (e.g. model._orig_mod) for higher-order gradients.")
+
+
 @dataclass
 class IterationUsage:
     """How many iterations the backward passes of one chain or recurrence ran: ``last`` and a
@@ -36,6 +46,10 @@ class IterationUsage:
 
     last: int | None = None
     counts: collections.Counter = field(default_factory=collections.Counter)
+
+    def reset(self) -> None:
+        self.last = None
+        self.counts.clear()
 
     def record(self, used: int) -> None:
         self.last = used

@@ -121,16 +121,25 @@ def differentiable_side_outputs(layer: Layer, layer_fn: fx.GraphModule) -> tuple
         return ()
     mode = FakeTensorMode()
 
-    def fake(value: object) -> object:
+    def fake(value: object, grad: bool) -> object:
         if not isinstance(value, torch.Tensor):
             return value
         with mode:
             t = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
-        return t.requires_grad_(t.is_floating_point())
+        return t.requires_grad_(grad and t.is_floating_point())
 
-    inputs = [fake(layer.x.meta.get("val"))] + [fake(e.meta.get("val")) for e in layer.externals]
-    with mode, torch.enable_grad(), outside_dynamo_tracing():
-        out = layer_fn(*inputs)
+    def ask(externals_grad: bool) -> tuple:
+        inputs = [fake(layer.x.meta.get("val"), True)] + [fake(e.meta.get("val"), externals_grad)
+                                                           for e in layer.externals]
+        with mode, torch.enable_grad(), outside_dynamo_tracing():
+            return layer_fn(*inputs)
+
+    try:
+        out = ask(externals_grad=True)
+    except RuntimeError:
+        # an external that may not require grad (a float attention mask: the fused CPU attention
+        # refuses it); a side output that depends on the layer's input is differentiable all the same
+        out = ask(externals_grad=False)
     return tuple(bool(getattr(v, "requires_grad", False)) for v in out[1: 1 + len(layer.side_outputs)])
 
 

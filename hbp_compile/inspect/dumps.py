@@ -84,7 +84,6 @@ def batched_vjp_graph(prog: "GroupProgram", state: torch.Tensor, sides: list[tor
     def one_iteration(x_r, x_g, cotangent, *externals):
         batched = torch.func.vmap(prog.split_fn, in_dims=(0, 0, *dims))
         out, pullback = torch.func.vjp(lambda xg, *ext: batched(x_r, xg, *ext), x_g, *externals)
-        y = out[0] if isinstance(out, tuple) else out
         return pullback(cotangent if not isinstance(out, tuple) else (cotangent, *map(torch.zeros_like, out[1:])))
 
     return make_fx(one_iteration, tracing_mode="fake")(xs, xs, xs, *args)

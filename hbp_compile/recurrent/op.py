@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine.iterate import run_iterations
+from ..engine.iterate import refuse_double_backward, run_iterations
 from ..engine.scans import ResidualScan, linear_scan
 from ..compile import compile_function
 from .cells import CELLS, Coefficients
@@ -160,11 +160,7 @@ def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, state
 
 
 def _backward(ctx, grad_states):
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "hbp_compile: double backward (create_graph=True) through a Highway-BP recurrence is not "
-            "supported: its backward is an estimate, and its derivative is not a second derivative of "
-            "the model. Use the original model (e.g. model._orig_mod) for higher-order gradients.")
+    refuse_double_backward("recurrence")
     input, w_ih, w_hh, b_ih, b_hh, states = ctx.saved_tensors
     grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
                              (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7], ctx.tol, backend=ctx.backend)
