@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -133,18 +134,25 @@ def hbp_compile(model: torch.nn.Module, k: int | str = 3, *, gamma: float = 0.0,
     return HighwayModule(model, options)
 
 
-def explain(model: torch.nn.Module, *args: Any, k: int = 3, gamma: float = 0.0, min_layers: int = 2,
-            **kwargs: Any) -> Report:
+def explain(model: torch.nn.Module, *args: Any, k: int | str | None = None, gamma: float | None = None,
+            min_layers: int | None = None, **kwargs: Any) -> Report:
     """Capture ``model(*args, **kwargs)`` and report the chains Highway-BP would rewrite.
 
-    The model is not changed: the capture runs on a copy, with the random-number state restored.
+    The model is not changed: the capture runs on a copy, with the random-number state restored. The
+    report comes from the same pipeline as a compile — the rewrite, the forward check and the
+    compile-time training step included — so a chain it lists is a chain the compiled model rewrites.
+    Given a ``HighwayModule``, its options are used (the same backend too); options passed here win.
 
     >>> report = explain(model, torch.randn(2, 8))   # doctest: +SKIP
     >>> report.num_layers                              # doctest: +SKIP
     4
     """
-    target = model._orig_mod if isinstance(model, HighwayModule) else model
-    options = HbpOptions(k=k, gamma=gamma, backend="eager", min_layers=min_layers)
+    if isinstance(model, HighwayModule):
+        target, base = model._orig_mod, model.hbp_options
+    else:
+        target, base = model, HbpOptions(k=3, backend="eager")
+    chosen = {"k": k, "gamma": gamma, "min_layers": min_layers}
+    options = dataclasses.replace(base, **{name: v for name, v in chosen.items() if v is not None})
     backend = HbpBackend(options, explain_only=True)
     clone = copy.deepcopy(target)
     with torch.random.fork_rng(devices=[]), torch.enable_grad(), capturing_rnns():

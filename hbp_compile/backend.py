@@ -10,6 +10,7 @@ stage's failure takes the same path (``_stage``): one ``Fallback`` reason per st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import warnings
@@ -139,26 +140,58 @@ class HbpBackend:
         unsupported = find_unsupported_features(gm)
         if unsupported:
             raise _StageFailed(Fallback.UNSUPPORTED, "; ".join(unsupported))
-        to_capture = gm
-        with _stage(Fallback.RECURRENCE_FAILED):
-            if any(node.target in RNN_CALLS or node.target in CELL_CALLS for node in gm.graph.nodes):
-                to_capture = fx.GraphModule(gm, _copy_graph(gm.graph))
-                record.recurrences = (
-                    swap_recurrences(to_capture, k=o.max_iterations, gamma=o.gamma, tol=o.stop_tol, backend=o.backend)
-                    + swap_cell_loops(to_capture, k=o.max_iterations, gamma=o.gamma, min_steps=o.min_layers,
-                                      tol=o.stop_tol, backend=o.backend))
-        with _stage(Fallback.CAPTURE_FAILED):
-            record.aten_graph = to_aten_graph(to_capture, example_inputs)
+        to_capture, swapped = self._swap_recurrences(gm)
+        self._lower(record, to_capture, example_inputs, swapped)
         if o.debug_dir:
             record.aten_code = record.aten_graph.print_readable(print_output=False)
-        with _stage(Fallback.RECURRENCE_FAILED):
-            record.recurrences += rewrite_scans(record.aten_graph, k=o.max_iterations, gamma=o.gamma,
-                                                backend=o.backend, tol=o.stop_tol)
-        with _stage(Fallback.DETECTION_FAILED):
-            record.detection = find_residual_chains(record.aten_graph.graph, min_layers=o.min_layers)
         if not record.detection.chains and not any(r.swapped for r in record.recurrences):
             why = "; ".join([*record.detection.notes, *(r.describe() for r in record.recurrences)])
             raise _StageFailed(Fallback.NO_CHAIN, why)
+        chains = record.detection.chains
+        try:
+            self._rewrite_and_rehearse(record, gm, example_inputs)
+        except _StageFailed as failed:
+            if len(chains) < 2 or (o.strict and not self.explain_only):
+                raise
+            self._keep_the_chains_that_work(record, gm, to_capture, example_inputs, swapped, failed)
+        if self.explain_only:
+            return gm.forward
+        with _stage(Fallback.COMPILE_FAILED):
+            compiled = compile_rewritten(record.rewritten, o.backend)
+        log.info("graph %d: %d residual layer(s) rewritten, backend %s", record.index, record.num_layers, o.backend)
+        return compiled
+
+    def _swap_recurrences(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, tuple[Recurrence, ...]]:
+        o = self.options
+        if not any(node.target in RNN_CALLS or node.target in CELL_CALLS for node in gm.graph.nodes):
+            return gm, ()
+        with _stage(Fallback.RECURRENCE_FAILED):
+            to_capture = fx.GraphModule(gm, _copy_graph(gm.graph))
+            swapped = (swap_recurrences(to_capture, k=o.max_iterations, gamma=o.gamma, tol=o.stop_tol, backend=o.backend)
+                       + swap_cell_loops(to_capture, k=o.max_iterations, gamma=o.gamma, min_steps=o.min_layers,
+                                         tol=o.stop_tol, backend=o.backend))
+        return to_capture, swapped
+
+    def _lower(self, record: GraphRecord, to_capture: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+               swapped: tuple[Recurrence, ...]) -> None:
+        """Aten graph, scan-HOP recurrences and chains of ``to_capture`` (deterministic: lowering again
+        gives the same chains in the same order, which the per-chain fallback relies on)."""
+        o = self.options
+        with _stage(Fallback.CAPTURE_FAILED):
+            record.aten_graph = to_aten_graph(to_capture, example_inputs)
+        with _stage(Fallback.RECURRENCE_FAILED):
+            record.recurrences = swapped + rewrite_scans(record.aten_graph, k=o.max_iterations, gamma=o.gamma,
+                                                         backend=o.backend, tol=o.stop_tol)
+        with _stage(Fallback.DETECTION_FAILED):
+            record.detection = find_residual_chains(record.aten_graph.graph, min_layers=o.min_layers)
+
+    def _rewrite_and_rehearse(self, record: GraphRecord, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+                              keep: Sequence[int] | None = None) -> None:
+        """Rewrite the chains (all, or those in ``keep``), check the forward, take the compile-time step."""
+        o = self.options
+        if keep is not None:
+            record.detection = dataclasses.replace(
+                record.detection, chains=tuple(record.detection.chains[i] for i in keep))
         check_forward = needs_forward_check(record.aten_graph.graph)
         with _stage(Fallback.REWRITE_FAILED):
             record.rewritten = rewrite_chains(
@@ -174,12 +207,38 @@ class HbpBackend:
                 raise _StageFailed(Fallback.FORWARD_MISMATCH, mismatch)
         with _stage(Fallback.DRY_RUN_FAILED):
             dry_run(record.rewritten, example_inputs)
-        if self.explain_only:
-            return gm.forward
-        with _stage(Fallback.COMPILE_FAILED):
-            compiled = compile_rewritten(record.rewritten, o.backend)
-        log.info("graph %d: %d residual layer(s) rewritten, backend %s", record.index, record.num_layers, o.backend)
-        return compiled
+
+    def _keep_the_chains_that_work(self, record: GraphRecord, gm: fx.GraphModule, to_capture: fx.GraphModule,
+                                   example_inputs: Sequence[torch.Tensor], swapped: tuple[Recurrence, ...],
+                                   failed: _StageFailed) -> None:
+        """The graph's chains failed together: try each alone, and rewrite those that work. The others
+        train with exact backprop, each with a warning and a note. When none works alone (or all do,
+        and only their combination fails), the whole graph falls back with the first failure."""
+        chains = record.detection.chains
+        kept, dropped = [], []
+        for i in range(len(chains)):
+            self._lower(record, to_capture, example_inputs, swapped)
+            try:
+                self._rewrite_and_rehearse(record, gm, example_inputs, keep=[i])
+                kept.append(i)
+            except _StageFailed as alone:
+                dropped.append((i, alone))
+        if not kept or not dropped:
+            raise failed
+        self._lower(record, to_capture, example_inputs, swapped)
+        self._rewrite_and_rehearse(record, gm, example_inputs, keep=kept)
+        notes = []
+        for i, alone in dropped:
+            chain = chains[i]
+            where = chain.layers[0].module_path or chain.h0.name
+            message = (f"hbp_compile: graph {record.index}: the chain of {chain.num_layers} layers from `{where}` "
+                       f"trains with exact backprop: {alone.why.value} ({alone.detail}); the graph's other "
+                       "chains keep Highway-BP")
+            notes.append(message.removeprefix("hbp_compile: "))
+            log.info(message)
+            if not self.explain_only:
+                warnings.warn(message, UserWarning, stacklevel=4)
+        record.detection = dataclasses.replace(record.detection, notes=record.detection.notes + tuple(notes))
 
     def _fallback(self, record: GraphRecord, why: Fallback, detail: str = "",
                   exc: BaseException | None = None, *, warn: bool = True) -> Callable:

@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import hbp_compile.backend as backend_module
+import hbp_compile as hbp
 from hbp_compile import Fallback, hbp_compile
 from hbp_compile.backend import HbpError
 from hbp_compile.capture import merge_repeated_input_ops
@@ -255,3 +256,50 @@ def test_the_forward_is_bit_identical_where_the_docs_say_so(recompute):
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class TwoBranches(nn.Module):
+    """Two chains that no layer links: ``a`` over x and ``b`` over y."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(*[Block() for _ in range(3)])
+        self.b = nn.Sequential(*[Block() for _ in range(3)])
+
+    def forward(self, x, y):
+        return self.a(x).pow(2).sum() + self.b(y).pow(2).sum()
+
+
+def test_a_failing_chain_falls_back_alone_and_explain_agrees(monkeypatch):
+    import hbp_compile.rewrite as rewrite_module
+
+    real_build = rewrite_module.build_program
+
+    def build_failing_for_b(chain, *args, **kwargs):
+        if chain.layers[0].module_path.startswith("b."):
+            raise NotImplementedError("no batching rule for this op")
+        return real_build(chain, *args, **kwargs)
+
+    monkeypatch.setattr(rewrite_module, "build_program", build_failing_for_b)
+    torch.manual_seed(0)
+    model = TwoBranches().double()
+    x, y = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    want = _backprop_args(model, x, y)
+    compiled = hbp_compile(model, k=8, backend="eager", strict=False)
+    with pytest.warns(UserWarning, match="the chain of 3 layers from `b.0` trains with exact backprop: the rewrite "
+                                         "failed .NotImplementedError: no batching rule.*other chains keep Highway-BP"):
+        compiled(x, y).backward()
+    report = compiled.hbp_report
+    assert report.num_layers == 3 and report.chains[0].layers[0].module_path.startswith("a.")
+    assert max_relative_error(_grads(model), want) < 1e-8
+    assert str(hbp.explain(compiled, x, y)) == str(report)
+    with pytest.raises(Exception, match="strict mode"):
+        hbp_compile(model, k=8, backend="eager", strict=True)(x, y)
+
+
+def _backprop_args(model: nn.Module, *args: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    model(*args).backward()
+    grads = _grads(model)
+    model.zero_grad()
+    return grads

@@ -159,8 +159,10 @@ def _extend_through_unary(x: fx.Node, y: fx.Node, nodes: set[fx.Node]) -> fx.Nod
 
 
 def segment_from(x: fx.Node, order: dict[fx.Node, int]) -> Segment | None:
-    """The first residual segment starting at ``x``, or None."""
-    if tensor_meta(x) is None:
+    """The first residual segment starting at ``x``, or None. Only floating tensors are states:
+    integer and bool values (position ids, masks) carry no gradient."""
+    meta = tensor_meta(x)
+    if meta is None or not meta.is_floating_point():
         return None
     heap = [(order[u], u) for u in residual_successors(x, x)]
     heapq.heapify(heap)
