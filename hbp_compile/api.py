@@ -36,10 +36,11 @@ class HighwayModule(torch.nn.Module):
         super().__init__()
         self._orig_mod = model
         self.hbp_options = options
-        self.hbp_backend = HbpBackend(options)
+        self.hbp_backend = HbpBackend(options, quiet_no_chain=True)
         self._compiled = torch.compile(_fresh_entry(model), backend=self.hbp_backend, dynamic=False)
         self.uncaptured_calls = 0  # calls that ran the original model: past the recompile limit, or never captured
         self._warned_uncaptured = False
+        self._warned_nothing_rewritten = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -52,10 +53,16 @@ class HighwayModule(torch.nn.Module):
                 "every later call with unseen input shapes. Pad inputs to a few fixed shapes (e.g. "
                 "bucket sequence lengths), or raise the limit")
             return self._orig_mod(*args, **kwargs)
-        if not self.hbp_backend.records and torch.is_grad_enabled() and not self._warned_uncaptured:
-            self._warn_uncaptured(
-                "the forward ran without torch.compile capturing any graph (is the model's forward "
-                "decorated with torch.compiler.disable, or dynamo disabled?): it trained with exact backprop")
+        if torch.is_grad_enabled():
+            if not self.hbp_backend.records and not self._warned_uncaptured:
+                self._warn_uncaptured(
+                    "the forward ran without torch.compile capturing any graph (is the model's forward "
+                    "decorated with torch.compiler.disable, or dynamo disabled?): it trained with exact backprop")
+            why = self.hbp_backend.nothing_rewritten()
+            if why and not self._warned_nothing_rewritten:
+                self._warned_nothing_rewritten = True
+                warnings.warn(f"hbp_compile: nothing in the model was rewritten, it trains with exact backprop: "
+                              f"no residual chain found ({why})", UserWarning, stacklevel=2)
         return out
 
     def _warn_uncaptured(self, why: str) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .capture import to_aten_graph
+from .capture import mark_requires_grad, to_aten_graph
 from .compile import compile_rewritten
 from .detect import Detection, find_residual_chains
 from .inspect.dumps import write_dumps
@@ -107,9 +107,12 @@ class HbpBackend:
     >>> compiled = torch.compile(torch.nn.Linear(2, 2), backend=backend)
     """
 
-    def __init__(self, options: HbpOptions, *, explain_only: bool = False):
+    def __init__(self, options: HbpOptions, *, explain_only: bool = False, quiet_no_chain: bool = False):
         self.options = options
         self.explain_only = explain_only
+        # A graph with no chain beside a rewritten one (a loss, a feature extractor) is no failure:
+        # with ``quiet_no_chain`` the caller (HighwayModule) warns once if *nothing* was rewritten.
+        self.quiet_no_chain = quiet_no_chain
         self.records: list[GraphRecord] = []
 
     def __repr__(self) -> str:
@@ -179,6 +182,7 @@ class HbpBackend:
         o = self.options
         with _stage(Fallback.CAPTURE_FAILED):
             record.aten_graph = to_aten_graph(to_capture, example_inputs)
+            mark_requires_grad(record.aten_graph, example_inputs)
         with _stage(Fallback.RECURRENCE_FAILED):
             record.recurrences = swapped + rewrite_scans(record.aten_graph, k=o.max_iterations, gamma=o.gamma,
                                                          backend=o.backend, tol=o.stop_tol)
@@ -252,9 +256,22 @@ class HbpBackend:
         if self.options.strict and why.is_failure:
             raise HbpError(f"{message} [strict mode: unset HBP_STRICT / pass strict=False to fall back "
                            "instead]") from exc
+        if why is Fallback.NO_CHAIN and (self.quiet_no_chain or self.rewrote_something):
+            warn = False  # the logger and the report have it
         if warn:
             warnings.warn(message, UserWarning, stacklevel=2)
         return record.dynamo_graph.forward
+
+    @property
+    def rewrote_something(self) -> bool:
+        return any(r.fallback is None and r.rewritten is not None for r in self.records)
+
+    def nothing_rewritten(self) -> str | None:
+        """When every graph so far was left alone for want of a chain (and no failure warned already):
+        why, graph by graph. None otherwise."""
+        if not self.records or any(r.fallback is not Fallback.NO_CHAIN for r in self.records):
+            return None
+        return "; ".join(f"graph {r.index}: {r.reason or r.fallback.value}" for r in self.records)
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:

@@ -46,6 +46,17 @@ def to_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) ->
     return aten
 
 
+REQUIRES_GRAD_META_KEY = "hbp_requires_grad"
+
+
+def mark_requires_grad(gm: fx.GraphModule, example_inputs: Sequence[object]) -> None:
+    """Record on each placeholder whether its real input requires grad (the fake values traced
+    here do not say): detection never takes a value no gradient reaches as a state."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        node.meta[REQUIRES_GRAD_META_KEY] = isinstance(value, torch.Tensor) and value.requires_grad
+
+
 def _is_mutable(node: fx.Node) -> bool:
     # Functionalizing a graph that has nothing to functionalize is not free of risk: in torch 2.13
     # it rejects some `scan` combine functions ("scan might be aliasing the input or the output").

@@ -120,3 +120,29 @@ def test_backward_depth_longest_path(layers, k):
 
     passes = min(k, layers) + 1
     assert backward_depths(layers, k) == (layers, passes, passes * layers.bit_length())
+
+
+class _FeaturesThenStack(torch.nn.Module):
+    """A plain feature extractor (no chain), a graph break, then a residual stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh())
+        self.stack = make(mlp_stack(3))
+
+    def forward(self, x):
+        h = self.features(x)
+        torch._dynamo.graph_break()
+        return self.stack(h)
+
+
+def test_a_graph_without_chain_beside_a_rewritten_one_does_not_warn():
+    model = _FeaturesThenStack().double()
+    compiled = hbp_compile(model, k=1, backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(torch.randn(2, 3, dtype=torch.float64)).sum().backward()
+    assert not [w for w in caught if "hbp_compile" in str(w.message)]
+    report = compiled.hbp_report
+    assert report.num_layers == 3 and report.fallbacks[0].fallback is hbp.Fallback.NO_CHAIN
+    assert "exact backprop: no residual chain found" in str(report)

@@ -51,12 +51,21 @@ def _absorb_input_prep(seg: Segment) -> Segment:
                 and not is_mutating(arg)
                 and all(a.op in ("placeholder", "get_attr") for a in arg.all_input_nodes)
                 and all(u in inside for u in arg.users)
+                and _whole(arg)
             ):
                 inside.add(arg)
                 prep.append(arg)
     if not prep:
         return seg
     return Segment(x=seg.x, y=seg.y, nodes=tuple(prep) + seg.nodes, residual=seg.residual)
+
+
+def _whole(prep: fx.Node) -> bool:
+    """Does ``prep`` keep all of its input (``t(W)``) rather than pick a part (``x[t]``)? A part is
+    an external: the time steps of a hand-written RNN then share one group, ``x[t]`` stacked."""
+    out = tensor_meta(prep)
+    ins = [tensor_meta(a) for a in prep.all_input_nodes]
+    return out is not None and all(i is not None and i.numel() == out.numel() for i in ins)
 
 
 def _externals(seg: Segment) -> tuple[fx.Node, ...]:

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from .model import ResidualKind
+from .ops import LAYOUT_OPS
 
 _aten = torch.ops.aten
 
@@ -47,6 +48,10 @@ _SYMPY_OPS: dict[object, tuple[Callable[[fx.Node, list], sympy.Expr], set[str]]]
     _aten.clone.default: (lambda n, a: a[0], {"memory_format"}),
     _aten.alias.default: (lambda n, a: a[0], set()),
 }
+# Views, reshapes and casts on the path: detection admits them only where every element keeps its
+# position from x to y (segments.keeps_element_positions), so for K they are the identity.
+_SYMPY_OPS.update({op: (lambda n, a: a[0], set()) for op in LAYOUT_OPS})
+_SYMPY_OPS[_aten._to_copy.default] = (lambda n, a: a[0], {"dtype", "memory_format"})
 
 
 def _closed_form(node: fx.Node) -> Callable[[fx.Node, list], sympy.Expr] | None:

@@ -111,11 +111,41 @@ def layer_norm_outputs(node: fx.Node) -> list[fx.Node]:
     ]
 
 
+_aten = torch.ops.aten
+# Ops that move or cast a tensor's elements without computing: on a residual path they are part of K
+# (OPT's MLP reshapes the stream (B, T, D) -> (B·T, D) and back; Mamba casts it to float32).
+LAYOUT_OPS = {
+    _aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.transpose.int,
+    _aten.permute.default, _aten.t.default, _aten.unsqueeze.default, _aten.squeeze.dim, _aten.squeeze.dims,
+    _aten.squeeze.default, _aten.alias.default, _aten.flatten.using_ints, _aten.unflatten.int,
+    _aten.view_copy.default, _aten.transpose_copy.int, _aten.permute_copy.default, _aten.t_copy.default,
+    _aten.unsqueeze_copy.default, _aten.squeeze_copy.dim, _aten.alias_copy.default,
+}
+_CASTS = {_aten._to_copy.default: {"dtype", "memory_format"}, _aten.clone.default: {"memory_format"}}
+
+
+def is_layout(node: fx.Node) -> bool:
+    """A view, reshape, transpose or floating-point cast: moves or casts elements, computes nothing.
+    (``view.dtype`` reinterprets bits and is not one.)"""
+    if node.op != "call_function":
+        return False
+    if node.target in LAYOUT_OPS:
+        return True
+    allowed = _CASTS.get(node.target)
+    if allowed is None or not set(node.kwargs) <= allowed:
+        return False
+    out = tensor_meta(node)
+    return out is not None and out.is_floating_point()
+
+
 def residual_successors(node: fx.Node, like: fx.Node) -> list[fx.Node]:
-    """Next values along a residual path from ``node``: pointwise readers and layer-norm outputs of
-    ``like``'s shape and dtype."""
-    found = [u for u in node.users if is_pointwise(u)] + layer_norm_outputs(node)
-    return [u for u in found if same_tensor_type(u, like)]
+    """Next values along a residual path from ``node``: pointwise readers, layout ops (views,
+    reshapes, casts) and layer-norm outputs, as many floating elements as ``like`` has. Only those of
+    ``like``'s shape and dtype can end a layer; the others are steps through another layout."""
+    found = [u for u in node.users if is_pointwise(u) or is_layout(u)] + layer_norm_outputs(node)
+    target = tensor_meta(like)
+    return [u for u in found if (t := tensor_meta(u)) is not None and t.is_floating_point()
+            and target is not None and t.numel() == target.numel()]
 
 
 def is_light(node: fx.Node) -> bool:
@@ -129,7 +159,7 @@ def is_light(node: fx.Node) -> bool:
         return False
     if op.overloadpacket in _FACTORIES or torch.Tag.nondeterministic_seeded in op.tags or is_layer_norm(node):
         return True
-    return torch.Tag.pointwise in op.tags or torch.Tag.reduction in op.tags or op.is_view
+    return torch.Tag.pointwise in op.tags or torch.Tag.reduction in op.tags or op.is_view or is_layout(node)
 
 
 def tensor_meta(node: fx.Node) -> torch.Tensor | None:

@@ -20,14 +20,20 @@ from __future__ import annotations
 import heapq
 import logging
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
+from ..capture import REQUIRES_GRAD_META_KEY
 from .ops import (
     is_layer_norm,
+    is_layout,
     is_light,
     is_pointwise,
+    is_random,
     is_sink,
     layer_norm_outputs,
     module_path,
@@ -39,7 +45,9 @@ from .ops import (
 log = logging.getLogger("hbp_compile.detect")
 
 # A candidate y further than this many pointwise hops from x is not tried: keeps detection linear.
+# Steps through another layout of the state (a reshape) count against the second, larger budget.
 MAX_CANDIDATES_PER_START = 16
+MAX_STEPS_PER_START = 256
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ def residual_path(x: fx.Node, nodes: set[fx.Node], y: fx.Node) -> set[fx.Node]:
     stack = [x]
     while stack:
         node = stack.pop()
-        steps = [u for u in node.users if is_pointwise(u)]
+        steps = [u for u in node.users if is_pointwise(u) or is_layout(u)]
         for out in layer_norm_outputs(node):
             steps += [out.args[0], out]
         for user in steps:
@@ -98,10 +106,55 @@ def residual_path(x: fx.Node, nodes: set[fx.Node], y: fx.Node) -> set[fx.Node]:
     return reach & coreach
 
 
+def keeps_element_positions(x: fx.Node, residual: Sequence[fx.Node]) -> bool:
+    """Does every element of ``x`` come out of the residual path (views, reshapes and casts
+    included) at its own position in ``y``? Then ``K`` is diagonal in the state's coordinates, the
+    layout ops are part of it, and the engine's scans hold. Checked by pushing element indices
+    through the path's layout ops (pointwise ops keep positions: all their path inputs must agree)."""
+    if not any(is_layout(n) for n in residual):
+        return True
+    meta = tensor_meta(x)
+    env: dict[fx.Node, torch.Tensor] = {x: torch.arange(meta.numel(), dtype=torch.float64).reshape(meta.shape)}
+    for node in residual:
+        sources = [env[a] for a in node.all_input_nodes if a in env]
+        if not sources or any(s.shape != sources[0].shape or not torch.equal(s, sources[0]) for s in sources):
+            return False
+        if is_layout(node) and node.target not in _CASTS_AND_COPIES:
+            args = node.args[1:]
+            if any(isinstance(a, fx.Node) for a in pytree.tree_leaves(args)):
+                return False  # a shape computed at run time: cannot tell
+            # on index tensors a view is a reshape (the values, not the strides, are the question)
+            op = _RESHAPES.get(node.target, node.target)
+            env[node] = op(sources[0], *args)
+        else:  # pointwise, a cast, a layer norm (elementwise once its statistics are fixed), getitem
+            out = tensor_meta(node)
+            if out is not None and tuple(out.shape) != tuple(sources[0].shape):
+                return False  # broadcasting onto more elements
+            env[node] = sources[0]
+    end = residual[-1]
+    return end in env and torch.equal(env[end], env[x].reshape(env[end].shape)) and \
+        tuple(env[end].shape) == tuple(meta.shape)
+
+
+_CASTS_AND_COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.clone.default}
+_RESHAPES = {op: torch.ops.aten.reshape.default for op in (
+    torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.view_copy.default)}
+
+
+def feeds_only_sinks(node: fx.Node, depth: int = 8) -> bool:
+    """A sink, or light ops (a slice, a view) whose every reader feeds only sinks: a KV cache that
+    the model slices before returning it (Mistral's sliding window) is still a side output."""
+    if is_sink(node):
+        return True
+    if depth == 0 or not node.users or not is_light(node) or is_random(node):
+        return False
+    return all(feeds_only_sinks(u, depth - 1) for u in node.users)
+
+
 def _why_not_segment(x: fx.Node, y: fx.Node, nodes: set[fx.Node]) -> str | None:
-    if any(u not in nodes and not is_sink(u) for n in nodes if n is not y for u in n.users):
+    if any(u not in nodes and not feeds_only_sinks(u) for n in nodes if n is not y for u in n.users):
         return "an intermediate value is read outside the segment"
-    if all(is_pointwise(n) for n in nodes):
+    if all(is_pointwise(n) or is_layout(n) for n in nodes):
         return "no block: the path is pointwise only"
     if all(is_light(n) for n in nodes):
         return "block has only pointwise/reduction/view ops (too light to be a layer)"
@@ -167,38 +220,55 @@ def segment_from(x: fx.Node, order: dict[fx.Node, int]) -> Segment | None:
     heap = [(order[u], u) for u in residual_successors(x, x)]
     heapq.heapify(heap)
     seen: set[fx.Node] = set()
-    while heap and len(seen) < MAX_CANDIDATES_PER_START:
+    tried = 0
+    while heap and tried < MAX_CANDIDATES_PER_START and len(seen) < MAX_STEPS_PER_START:
         _, y = heapq.heappop(heap)
         if y in seen:
             continue
         seen.add(y)
-        nodes = interval(x, y, order)
-        why = _why_not_segment(x, y, nodes)
-        if why is None and _rejoins_after(x, y, nodes, order):
-            why = "another read of x rejoins the residual path after this point"
-        if why is None:
-            y = _extend_through_unary(x, y, nodes)
-            residual = residual_path(x, nodes, y)
-            log.debug("segment %s -> %s: %d nodes", x.name, y.name, len(nodes))
-            return Segment(
-                x=x,
-                y=y,
-                nodes=tuple(sorted(nodes, key=order.__getitem__)),
-                residual=tuple(sorted(residual, key=order.__getitem__)),
-            )
-        log.debug("no segment %s -> %s: %s", x.name, y.name, why)
+        if same_tensor_type(y, x):  # else a step through another layout (a reshape) of the state
+            tried += 1
+            nodes = interval(x, y, order)
+            why = _why_not_segment(x, y, nodes)
+            if why is None and _rejoins_after(x, y, nodes, order):
+                why = "another read of x rejoins the residual path after this point"
+            if why is None:
+                end = _extend_through_unary(x, y, nodes)
+                residual = tuple(sorted(residual_path(x, nodes, end), key=order.__getitem__))
+                if keeps_element_positions(x, residual):
+                    log.debug("segment %s -> %s: %d nodes", x.name, end.name, len(nodes))
+                    return Segment(x=x, y=end, nodes=tuple(sorted(nodes, key=order.__getitem__)), residual=residual)
+                why = "the residual path moves elements (a transpose or reshape it does not undo)"
+            log.debug("no segment %s -> %s: %s", x.name, y.name, why)
         for user in residual_successors(y, x):
             heapq.heappush(heap, (order[user], user))
     return None
 
 
+def differentiable_values(graph: fx.Graph) -> set[fx.Node]:
+    """Values a gradient can reach: computed from an input that requires grad (the backend records
+    which under ``meta["hbp_requires_grad"]``; unknown counts as yes). A position-id computation
+    from an attention mask is not, and never ends a layer."""
+    found: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if node.meta.get(REQUIRES_GRAD_META_KEY, True):
+                found.add(node)
+        elif node.op == "get_attr" or any(arg in found for arg in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
 def find_residual_segments(graph: fx.Graph) -> dict[fx.Node, Segment]:
     """Map each start value ``x`` to its residual segment (see module docstring)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
+    differentiable = differentiable_values(graph)
     segments = {}
     for node in graph.nodes:
         if node.op in ("placeholder", "call_function"):
             seg = segment_from(node, order)
-            if seg is not None:
+            # a layer whose output no gradient reaches (position ids from a mask) is no layer; its
+            # input may be one (the model's input, h_0)
+            if seg is not None and seg.y in differentiable:
                 segments[node] = seg
     return segments

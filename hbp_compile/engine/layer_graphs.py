@@ -143,6 +143,27 @@ def differentiable_side_outputs(layer: Layer, layer_fn: fx.GraphModule) -> tuple
     return tuple(bool(getattr(v, "requires_grad", False)) for v in out[1: 1 + len(layer.side_outputs)])
 
 
+_SLICES = {_aten.slice.Tensor: 0, _aten.slice_scatter.default: 0}
+
+
+def _clamp_slice_ends(graph: fx.Graph) -> None:
+    """``x[..., 2:]`` is traced as ``slice(x, dim, 2, 2**63 - 1)``; under vmap torch 2.13 overflows on
+    that end ("IntArrayRef contains an int that cannot be represented as a SymInt", Funnel's pooling).
+    The dim's static size is the same slice."""
+    for node in graph.nodes:
+        if node.target not in _SLICES:
+            continue
+        dim_at = 1 if node.target is _aten.slice.Tensor else 2
+        args = list(node.args)
+        source = args[0].meta.get("val") if isinstance(args[0], fx.Node) else None
+        if len(args) <= dim_at + 2 or not isinstance(source, torch.Tensor):
+            continue
+        dim, end = args[dim_at], args[dim_at + 2]
+        if isinstance(dim, int) and isinstance(end, int) and end > source.shape[dim]:
+            args[dim_at + 2] = int(source.shape[dim])
+            node.args = tuple(args)
+
+
 def split_layer_graph(layer: Layer) -> fx.GraphModule:
     """``(x_r, x_g, *externals, *draws) -> y`` (or ``(y, *side_outputs)``): the block sees ``x_g``, the
     residual path's direct reads see ``x_r``, and random ops return the forward's ``draws``."""
@@ -180,6 +201,7 @@ def split_layer_graph(layer: Layer) -> fx.GraphModule:
     graph.output((residual_env[layer.y], *side) if side else residual_env[layer.y])
     graph.eliminate_dead_code()
     _swap_fused_attention(graph)
+    _clamp_slice_ends(graph)
     # Under vmap the batch dim can leave a tensor that `view` cannot reinterpret (a transposed
     # layout); `reshape` gives the same values and copies only when it must. Backward-only graph.
     for node in graph.nodes:
