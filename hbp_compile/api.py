@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import dataclasses
 import warnings
 from collections.abc import Callable
@@ -25,11 +26,36 @@ def _fresh_entry(module: torch.nn.Module) -> Callable[..., Any]:
     return fresh_function(module, "hbp_entry")
 
 
+def _with_signature_of(model: torch.nn.Module, call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call`` as the wrapper's ``forward``, with the model's ``forward`` signature: tools that read
+    it (the Hugging Face Trainer keeps only the dataset columns ``forward`` names) see the model's."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return call(*args, **kwargs)
+
+    try:
+        forward.__signature__ = inspect.signature(model.forward)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):  # a builtin or C forward: keep (*args, **kwargs)
+        pass
+    forward.__doc__ = getattr(model.forward, "__doc__", None)
+    return forward
+
+
+def _keys_under_orig_mod(state_dict: dict, prefix: str, *args: Any) -> None:
+    """A parent module's ``load_state_dict`` walks into the wrapper's ``_orig_mod`` child and looks
+    for ``{prefix}_orig_mod.*``; the wrapper's ``state_dict`` wrote the model's own keys under
+    ``prefix``. Renamed here, before the walk reaches the child, so that any parent round-trips."""
+    inner = prefix + "_orig_mod."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+
+
 class HighwayModule(torch.nn.Module):
     """A model whose backward runs Highway-BP. Shares parameters and buffers with the original.
 
-    ``state_dict()`` and ``load_state_dict()`` use the original model's keys; attributes the wrapper
-    does not have are looked up on the original model.
+    ``state_dict()`` and ``load_state_dict()`` use the original model's keys, also inside a parent
+    module (``parent.load_state_dict(parent.state_dict())`` round-trips); attributes the wrapper does
+    not have are looked up on the original model.
     """
 
     def __init__(self, model: torch.nn.Module, options: HbpOptions):
@@ -38,11 +64,16 @@ class HighwayModule(torch.nn.Module):
         self.hbp_options = options
         self.hbp_backend = HbpBackend(options, quiet_no_chain=True)
         self._compiled = torch.compile(_fresh_entry(model), backend=self.hbp_backend, dynamic=False)
+        self._register_load_state_dict_pre_hook(_keys_under_orig_mod)
+        self.forward = _with_signature_of(model, self._highway_forward)
         self.uncaptured_calls = 0  # calls that ran the original model: past the recompile limit, or never captured
         self._warned_uncaptured = False
         self._warned_nothing_rewritten = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._highway_forward(*args, **kwargs)
+
+    def _highway_forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
             with capturing_rnns(), failing_on_recompile_limit():
                 out = self._compiled(*args, **kwargs)

@@ -105,3 +105,20 @@ def test_autocast_bfloat16_on_cpu_matches_autocast_backprop():
     out.float().backward()
     assert torch.allclose(out.float(), want_out.float(), rtol=1e-2, atol=1e-2)
     assert max_relative_error({n: p.grad for n, p in model.named_parameters()}, want) < 2e-2
+
+
+def test_a_parent_module_round_trips_its_state_dict():
+    """Lightning and friends hold the compiled model as a child: ``parent.state_dict()`` has the
+    model's own keys under the child's name, and ``parent.load_state_dict`` takes them back."""
+    parent = torch.nn.Module()
+    parent.net = hbp_compile(make(mlp_stack(3, d=4, hidden=8)), k=1, backend="eager")
+    parent.head = torch.nn.Linear(4, 1)
+    state = parent.state_dict()
+    assert "net.layers.0.fc1.weight" in state and not any("_orig_mod" in k for k in state)
+    other = torch.nn.Module()
+    other.net = hbp_compile(make(mlp_stack(3, d=4, hidden=8), seed=1), k=1, backend="eager")
+    other.head = torch.nn.Linear(4, 1)
+    other.load_state_dict(state)
+    assert all(torch.equal(state[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(RuntimeError, match="Missing key"):
+        other.load_state_dict({k: v for k, v in state.items() if k != "net.layers.0.fc1.weight"})
