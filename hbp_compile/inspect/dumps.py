@@ -9,7 +9,7 @@ Per captured graph ``N``, in ``<dir>/graph_N/``:
 * ``chain{C}_group{G}_layer.py`` / ``_split.py`` / ``_batched_vjp.py``: a group's layer graph (the
   forward runs it once per layer), its split graph ``(x_r, x_g, ...) -> y``, and the batched VJP the
   backward runs (``make_fx`` of ``vjp(vmap(split))`` on fake tensors: the ops of one iteration);
-* ``chain{C}.svg`` when pydot is installed.
+* ``rewritten_graph.svg`` when pydot is installed.
 
 Each file is also emitted as a structured-trace artifact, so ``TORCH_TRACE=dir`` + ``tlparse`` show them.
 """
