@@ -140,7 +140,8 @@ class HbpBackend:
 
     def _rewrite(self, record: GraphRecord, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
         o = self.options
-        unsupported = find_unsupported_features(gm)
+        with _stage(Fallback.CAPTURE_FAILED):
+            unsupported = find_unsupported_features(gm)
         if unsupported:
             raise _StageFailed(Fallback.UNSUPPORTED, "; ".join(unsupported))
         to_capture, swapped = self._swap_recurrences(gm)
