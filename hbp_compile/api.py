@@ -144,7 +144,7 @@ class HighwayModule(torch.nn.Module):
 
 def hbp_compile(model: torch.nn.Module, k: int | str = 3, *, gamma: float = 0.0, backend: str = "inductor",
                 recompute: bool = True, tol: float = 1e-3, k_max: int | None = None, min_layers: int = 2,
-                debug_dir: str | None = None, strict: bool | None = None) -> HighwayModule:
+                debug_dir: str | None = None, strict: bool | None = None, chunk: int | None = None) -> HighwayModule:
     """Train ``model`` with Highway backpropagation truncated at ``k`` iterations.
 
     The model is captured with torch.compile on its first call; its chains of residual layers get a
@@ -168,7 +168,7 @@ def hbp_compile(model: torch.nn.Module, k: int | str = 3, *, gamma: float = 0.0,
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"hbp_compile: model must be a torch.nn.Module, got {type(model).__name__}")
     options = HbpOptions(k=k, gamma=gamma, backend=backend, recompute=recompute, min_layers=min_layers,
-                         debug_dir=debug_dir, tol=tol, k_max=k_max, strict=strict)
+                         debug_dir=debug_dir, tol=tol, k_max=k_max, strict=strict, chunk=chunk)
     return HighwayModule(model, options)
 
 

@@ -201,7 +201,7 @@ class HbpBackend:
         with _stage(Fallback.REWRITE_FAILED):
             record.rewritten = rewrite_chains(
                 record.aten_graph, record.detection.chains, k=o.max_iterations, gamma=o.gamma,
-                backend=o.backend, recompute=o.recompute, tol=o.stop_tol,
+                backend=o.backend, recompute=o.recompute, tol=o.stop_tol, chunk=o.chunk,
             ) if record.detection.chains else record.aten_graph
         if check_forward:
             with _stage(Fallback.DRY_RUN_FAILED):

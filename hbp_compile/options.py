@@ -25,6 +25,9 @@ class HbpOptions:
       block intermediates in one batched forward per group in the backward (memory like activation
       checkpointing); ``False`` keeps them from the forward (memory like backprop, no extra forward).
     * ``min_layers``: shortest chain worth rewriting.
+    * ``chunk``: layers per call of a group's batched VJPs in the backward (``None``: all of them
+      at once). Smaller chunks lower the backward's peak memory (the VJP's temporaries exist for
+      one chunk of layers at a time) for more, smaller kernel calls; gradients are the same.
     * ``debug_dir``: where dumps go (default: ``$HBP_DEBUG_DIR``).
     * ``strict``: raise instead of falling back to exact backprop when a graph cannot be rewritten
       (a failing stage, an unsupported feature, a forward mismatch); graphs with no chain and
@@ -43,6 +46,7 @@ class HbpOptions:
     tol: float = 1e-3
     k_max: int | None = None
     strict: bool | None = None
+    chunk: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.k, str):
@@ -66,6 +70,8 @@ class HbpOptions:
             raise TypeError(f"hbp_compile: recompute must be True or False, got {self.recompute!r}")
         if isinstance(self.min_layers, bool) or not isinstance(self.min_layers, int) or self.min_layers < 1:
             raise ValueError(f"hbp_compile: min_layers must be an int >= 1, got {self.min_layers!r}")
+        if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1):
+            raise ValueError(f"hbp_compile: chunk must be an int >= 1 or None, got {self.chunk!r}")
         if self.strict is None:
             object.__setattr__(self, "strict", os.environ.get("HBP_STRICT", "") not in ("", "0"))
         elif not isinstance(self.strict, bool):

@@ -35,7 +35,8 @@ def chain_side_inputs(chain: Chain) -> tuple[fx.Node, ...]:
 
 
 def rewrite_chains(gm: fx.GraphModule, chains: Sequence[Chain], *, k: int, gamma: float,
-                   backend: str = "eager", recompute: bool = True, tol: float = 0.0) -> fx.GraphModule:
+                   backend: str = "eager", recompute: bool = True, tol: float = 0.0,
+                   chunk: int | None = None) -> fx.GraphModule:
     """Replace every chain in ``gm`` (in place) with a ``ChainModule`` call and return ``gm``.
 
     ``backend="inductor"`` makes each chain compile its group functions and scans on first use.
@@ -47,7 +48,8 @@ def rewrite_chains(gm: fx.GraphModule, chains: Sequence[Chain], *, k: int, gamma
         if not inside <= present:
             raise RewriteError(f"chain {ci} refers to nodes that are not in the graph")
         sides = chain_side_inputs(chain)
-        program = build_program(chain, sides, k=k, gamma=gamma, backend=backend, recompute=recompute, tol=tol)
+        program = build_program(chain, sides, k=k, gamma=gamma, backend=backend, recompute=recompute, tol=tol,
+                                chunk=chunk)
         name = f"hbp_chain_{ci}"
         gm.add_submodule(name, ChainModule(program))
         side_outputs = [n for layer in chain.layers for n in layer.side_outputs]

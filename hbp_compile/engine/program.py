@@ -40,6 +40,7 @@ class GroupProgram:
     outputs: Plan  # where its output states (p + 1) live
     backend: str = "eager"  # "inductor": the two functions below are compiled, once per group
     recompute: bool = True  # False: the forward keeps the block intermediates (engine/saved.py)
+    chunk: int | None = None  # layers per batched VJP call (None: the whole group at once)
     _partitions: dict = field(default_factory=dict, compare=False, repr=False)
 
     @cached_property
@@ -62,7 +63,7 @@ class GroupProgram:
         need = tuple(need) if need is not None else (True, True, *(e.requires_grad for e in externals))
         if need not in self._partitions:
             self._partitions[need] = partition_split_layer(self._for_backend(self.split_fn), [x, x, *externals], need,
-                                                           self.side_differentiable, self.backend)
+                                                           self.side_differentiable, self.backend, self.chunk)
         return self._partitions[need]
 
     def in_dims(self) -> tuple[int | None, ...]:
@@ -153,7 +154,8 @@ class ChainProgram:
 
 
 def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma: float,
-                  backend: str = "eager", recompute: bool = True, tol: float = 0.0) -> ChainProgram:
+                  backend: str = "eager", recompute: bool = True, tol: float = 0.0,
+                  chunk: int | None = None) -> ChainProgram:
     """Index every layer's externals into ``side_nodes`` (the chain's flat side-input list)."""
     where = {node: i for i, node in enumerate(side_nodes)}
     state_runs = StateRuns.from_kinds(chain.kinds)
@@ -179,6 +181,7 @@ def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma:
                 outputs=state_runs.plan([p + 1 for p in group.layers]),
                 backend=backend,
                 recompute=recompute,
+                chunk=chunk,
             )
         )
     return ChainProgram(

@@ -34,6 +34,7 @@ class SavedLayer:
     num_outputs: int
     tangents: tuple[tuple[torch.Size, torch.dtype], ...]  # per layer: y's, then each side output's
     backend: str
+    chunk: int | None = None  # layers per call of the batched backward (None: all at once)
     _variants: dict = field(default_factory=dict, compare=False, repr=False)
 
     def run_forward(self) -> Callable[..., tuple[torch.Tensor, ...]]:
@@ -68,15 +69,40 @@ class SavedLayer:
             kernel = GraphKernel(present_grads, self.backend)
 
             def run(*args: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-                grads = dict(zip(present, kernel(*args))) if present else {}
+                if not present:
+                    return tuple(None for _ in wanted)
+                grads = dict(zip(present, _in_chunks(kernel, args, self.chunk, [i - 2 in broadcast for i in present])))
                 return tuple(grads.get(i) for i in wanted)
 
             self._variants[key] = run
         return self._variants[key]
 
 
+def _in_chunks(kernel: Callable[..., tuple[torch.Tensor, ...]], args: Sequence[torch.Tensor], chunk: int | None,
+               summed: Sequence[bool]) -> tuple[torch.Tensor, ...]:
+    """``kernel(*args)`` over the layer dim (dim 0 of every arg) ``chunk`` layers at a time: the
+    temporaries of one call exist for one chunk only. Per-layer outputs are concatenated, outputs
+    already summed over the layers (``summed``: broadcast externals) are added up."""
+    layers = args[0].shape[0]
+    if chunk is None or chunk >= layers:
+        return kernel(*args)
+    out: list[torch.Tensor] = []
+    for start in range(0, layers, chunk):
+        part = kernel(*(a[start: start + chunk] for a in args))
+        if not out:  # the full outputs, written chunk by chunk (a cat would hold every part as well)
+            out = [p.clone() if s else p.new_empty((layers, *p.shape[1:])) for p, s in zip(part, summed)]
+        for j, (p, s) in enumerate(zip(part, summed)):
+            if s:
+                if start:
+                    out[j] += p
+            else:
+                out[j][start: start + chunk] = p
+    return tuple(out)
+
+
 def partition_split_layer(split_fn: fx.GraphModule, example: Sequence[torch.Tensor], need_grad: Sequence[bool],
-                          side_differentiable: Sequence[bool], backend: str) -> SavedLayer:
+                          side_differentiable: Sequence[bool], backend: str,
+                          chunk: int | None = None) -> SavedLayer:
     """Trace ``split_fn``'s joint forward-backward on fake tensors shaped like one layer's inputs
     (``x_r``, ``x_g`` first) and split it with aot_autograd's default partitioner. Cotangents flow
     into ``y`` and the side outputs marked differentiable (the chain gives no others)."""
@@ -109,7 +135,7 @@ def partition_split_layer(split_fn: fx.GraphModule, example: Sequence[torch.Tens
     for gm in (forward, backward):
         _views_for_view_copies(gm)
     tangents = tuple((outputs[i].shape, outputs[i].dtype) for i in differentiable)
-    return SavedLayer(forward, backward, len(outputs), tangents, backend)
+    return SavedLayer(forward, backward, len(outputs), tangents, backend, chunk)
 
 
 # view ops that are views for any strides; ``view`` needs compatible strides, and under vmap a
