@@ -7,6 +7,8 @@ Methods: eager backprop, torch.compile backprop, fixed-point iteration (γ = 1, 
 step time / eager backprop's (measured in this run), first-call time (compilation included), peak
 memory of a training step / eager backprop's (CUDA ``max_memory_allocated``, or torch.profiler's CPU
 memory timeline), and the cosine similarity of the parameter gradient to the exact one on the same batch.
+An HBP method whose model was not rewritten (no layer, or a graph that failed) is a row that says
+"fell back to exact backprop" with the reasons, never a number read as Highway-BP's.
 
 Writes the tables into docs/benchmarks.md (between the ``suite`` markers) and the plots
 docs/img/bench_time_vs_k.png and docs/img/bench_cosine_vs_k.png.
@@ -108,7 +110,21 @@ def measure(workload: Workload, name: str, k: int | None, wrap, repeats: int, de
     step_s = statistics.median(times)
     cosine = torch.nn.functional.cosine_similarity(_grads(model).double(), exact.double(), dim=0).item()
     peak = _peak_memory(fn, model, workload, batch, device)
-    return Row(workload.name, name, k, step_s, first, peak, cosine)
+    return Row(workload.name, name, k, step_s, first, peak, cosine, error=fell_back(fn))
+
+
+def fell_back(fn: object) -> str:
+    """For an hbp-compiled model: why the row is not a Highway-BP number ('' when it is). A model
+    with no rewritten layer, or with a graph that failed to be rewritten, trained (partly) with
+    exact backprop, and its timings must not be read as Highway-BP's."""
+    report = getattr(fn, "hbp_report", None)
+    if report is None:
+        return ""
+    failed = [f"graph {r.index}: {r.fallback.name}" for r in report.fallbacks if r.fallback.is_failure]
+    if report.num_layers == 0 or failed:
+        reasons = "; ".join(failed) or "no layer rewritten"
+        return f"fell back to exact backprop ({reasons})"
+    return ""
 
 
 def run(selected: list[Workload], repeats: int, device: str, ks=HBP_KS) -> list[Row]:
@@ -131,7 +147,7 @@ def run(selected: list[Workload], repeats: int, device: str, ks=HBP_KS) -> list[
             rows.append(Row(**json.loads(done.stdout.strip().splitlines()[-1])))
         else:  # one failing method must not lose the whole run
             nan = float("nan")
-            error = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            error = "failed: " + (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
             rows.append(Row(workload.name, name, k, nan, nan, nan, nan, error))
             tqdm.write(f"{workload.name} | {name}: {error}")
     return rows
@@ -167,8 +183,8 @@ def markdown(rows: list[Row], selected: list[Workload], device: str, repeats: in
         lines += ["| method | step (ms) | step / backprop | first call (s) | peak memory / backprop | grad cosine |",
                   "|---|---|---|---|---|---|"]
         for r in mine:
-            if r.error:
-                lines.append(f"| {r.method} | failed: {r.error} | | | | |")
+            if r.error:  # a failure, or an HBP method that fell back: no number to read as Highway-BP's
+                lines.append(f"| {r.method} | {r.error} | | | | |")
                 continue
             lines.append(f"| {r.method} | {r.step_s * 1e3:.1f} | {r.step_s / base.step_s:.2f} | {r.first_s:.1f} | "
                          f"{r.peak_bytes / base.peak_bytes:.2f} | {r.cosine:.4f} |")
@@ -190,7 +206,8 @@ def rows_from_markdown(text: str) -> list[Row]:
         if line.startswith("### "):
             workload = line[4:].strip()
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if not line.startswith("| ") or len(cells) != 6 or cells[0] == "method" or cells[1].startswith("failed"):
+        if not line.startswith("| ") or len(cells) != 6 or cells[0] == "method" or \
+                cells[1].startswith(("failed", "fell back")):
             continue
         method, step_ms, _, first, peak, cosine = cells
         k = re.search(r"\bk=(\d+)", method)

@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.suite import Row, markdown, rows_from_markdown, run_one, write_section  # noqa: E402
-from benchmarks.workloads import workloads  # noqa: E402
+from benchmarks.suite import Row, markdown, measure, rows_from_markdown, run_one, write_section  # noqa: E402
+from benchmarks.workloads import Workload, workloads  # noqa: E402
+from hbp_compile import hbp_compile  # noqa: E402
 
 
 def test_write_section_replaces_only_between_its_markers(tmp_path):
@@ -26,10 +28,29 @@ def test_markdown_reports_ratios_to_eager_backprop_and_failures():
     w = workloads()[0]
     rows = [Row(w.name, "eager backprop", None, 0.010, 0.1, 1000.0, 1.0),
             Row(w.name, "HBP k=1", 1, 0.005, 2.0, 1500.0, 0.99),
-            Row(w.name, "HBP k=3", 3, float("nan"), 0, 0, 0, error="RuntimeError: boom")]
+            Row(w.name, "HBP k=3", 3, float("nan"), 0, 0, 0, error="failed: RuntimeError: boom")]
     text = markdown(rows, [w], "cpu", 5)
     assert "| HBP k=1 | 5.0 | 0.50 | 2.0 | 1.50 | 0.9900 |" in text
     assert "failed: RuntimeError: boom" in text
+
+
+def test_an_hbp_method_that_fell_back_is_reported_as_a_fallback():
+    """A model the pass leaves to exact backprop must show as a fallback, never as an HBP number."""
+    plain = Workload("plain MLP (no chain)", lambda: torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(),
+                                                                          torch.nn.Linear(4, 3)),
+                     lambda g: (torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)),
+                     lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
+    torch.manual_seed(0)
+    init = plain.make_model()
+    batch = plain.make_batch(torch.Generator().manual_seed(0))
+    exact = torch.cat([p.detach().flatten() for p in init.parameters()])  # any vector: cosine is not checked
+    with pytest.warns(UserWarning, match="nothing in the model was rewritten"):
+        row = measure(plain, "HBP k=3", 3, lambda m: hbp_compile(m, k=3, backend="eager"), 2, "cpu", exact,
+                      init, batch)
+    assert row.error.startswith("fell back to exact backprop (no layer rewritten)")
+    text = markdown([Row(plain.name, "eager backprop", None, 0.01, 0.1, 10.0, 1.0), row], [plain], "cpu", 2)
+    assert "| HBP k=3 | fell back to exact backprop (no layer rewritten) | | | | |" in text
+    assert [r.method for r in rows_from_markdown(text)] == ["eager backprop"]
 
 
 def test_one_method_measured_in_its_own_process_reports_a_row():
@@ -42,7 +63,7 @@ def test_replot_reads_back_the_numbers_the_page_holds():
     w = workloads()[0]
     rows = [Row(w.name, "eager backprop", None, 0.010, 0.1, 1000.0, 1.0),
             Row(w.name, "HBP k=10, γ=0.2, recompute=False", 10, 0.025, 2.0, 1500.0, 0.9986),
-            Row(w.name, "HBP k=3", 3, float("nan"), 0, 0, 0, error="RuntimeError: boom")]
+            Row(w.name, "HBP k=3", 3, float("nan"), 0, 0, 0, error="failed: RuntimeError: boom")]
     back = rows_from_markdown("intro\n" + markdown(rows, [w], "cpu", 5))
     assert [(r.workload, r.method, r.k) for r in back] == [(w.name, "eager backprop", None),
                                                            (w.name, rows[1].method, 10)]
