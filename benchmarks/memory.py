@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import re
 import statistics
 import time
 import warnings
@@ -22,7 +21,7 @@ import torch
 
 from hbp_compile import hbp_compile
 
-from .suite import _peak_memory
+from .suite import _peak_memory, write_section
 from .workloads import workloads
 
 WORKLOADS = ("pre-LN MLP L=64", "ReLU ResNet")
@@ -80,15 +79,7 @@ def main() -> None:
         if workload.name.startswith(WORKLOADS):
             lines += measure(workload, args.repeats)
     if args.write:
-        page = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-        text = page.read_text()
-        block = "<!-- memory:begin -->\n" + "\n".join(lines) + "<!-- memory:end -->"
-        if "<!-- memory:begin -->" in text:
-            text = re.sub(r"<!-- memory:begin -->.*<!-- memory:end -->", lambda _: block, text, flags=re.S)
-        else:
-            text = text.replace("## The suite\n", "## Memory: `chunk`\n\n" + block + "\n\n## The suite\n", 1)
-        page.write_text(text)
-
+        write_section(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "\n".join(lines), "memory")
 
 if __name__ == "__main__":
     main()
