@@ -17,20 +17,18 @@ from torch._dynamo.exc import FailOnRecompileLimitHit as RecompileLimitHit  # no
 
 
 
-def capturing_rnns():
+def capturing_rnns(*, fail_on_recompile_limit: bool = False):
     """Dynamo graph-breaks around ``nn.RNN``/``GRU``/``LSTM`` unless ``allow_rnn`` is set; with it, they
-    reach the backend as one ``torch.lstm(...)``-style call that the recurrence pass can swap."""
+    reach the backend as one ``torch.lstm(...)``-style call that the recurrence pass can swap.
+
+    ``fail_on_recompile_limit``: past ``recompile_limit``, dynamo silently runs a frame uncompiled;
+    with this it raises ``RecompileLimitHit`` instead, so that the caller can say that Highway-BP
+    stopped. One patch for both: each ``config.patch`` costs about 18 µs on every training call."""
     from torch._dynamo import config
 
+    if fail_on_recompile_limit:
+        return config.patch(allow_rnn=True, fail_on_recompile_limit_hit=True)
     return config.patch(allow_rnn=True)
-
-
-def failing_on_recompile_limit():
-    """Past ``recompile_limit``, dynamo silently runs a frame uncompiled; with this it raises
-    ``RecompileLimitHit`` instead, so that the caller can say that Highway-BP stopped."""
-    from torch._dynamo import config
-
-    return config.patch(fail_on_recompile_limit_hit=True)
 
 
 def recompile_limit() -> int:
@@ -65,7 +63,6 @@ __all__ = [
     "default_partition",
     "FakeTensorMode",
     "capturing_rnns",
-    "failing_on_recompile_limit",
     "RecompileLimitHit",
     "recompile_limit",
     "outside_dynamo_tracing",

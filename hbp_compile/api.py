@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ._torch_compat import RecompileLimitHit, capturing_rnns, failing_on_recompile_limit, recompile_limit
+from ._torch_compat import RecompileLimitHit, capturing_rnns, recompile_limit
 from .backend import HbpBackend
 from .compile import fresh_function
 from .engine.highway import ChainModule
@@ -75,7 +75,7 @@ class HighwayModule(torch.nn.Module):
 
     def _highway_forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            with capturing_rnns(), failing_on_recompile_limit():
+            with capturing_rnns(fail_on_recompile_limit=True):
                 out = self._compiled(*args, **kwargs)
         except RecompileLimitHit:
             self._warn_uncaptured(
@@ -85,12 +85,12 @@ class HighwayModule(torch.nn.Module):
                 "bucket sequence lengths), or raise the limit")
             return self._orig_mod(*args, **kwargs)
         if torch.is_grad_enabled():
-            if not self.hbp_backend.records and not self._warned_uncaptured:
+            if not self.hbp_backend.records:
                 self._warn_uncaptured(
                     "the forward ran without torch.compile capturing any graph (is the model's forward "
                     "decorated with torch.compiler.disable, or dynamo disabled?): it trained with exact backprop")
-            why = self.hbp_backend.nothing_rewritten()
-            if why and not self._warned_nothing_rewritten:
+            why = None if self._warned_nothing_rewritten else self.hbp_backend.nothing_rewritten()
+            if why:
                 self._warned_nothing_rewritten = True
                 warnings.warn(f"hbp_compile: nothing in the model was rewritten, it trains with exact backprop: "
                               f"no residual chain found ({why})", UserWarning, stacklevel=2)

@@ -42,6 +42,12 @@ def _run(fn: Callable, inputs: Sequence[object], cpu_state: torch.Tensor, cuda_s
     return pytree.tree_leaves(out), args
 
 
+def _rng_devices(inputs: Sequence[object]) -> list[int]:
+    """The CUDA devices whose generators a run on ``inputs`` may draw from (none on the CPU)."""
+    on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in inputs)
+    return list(range(torch.cuda.device_count())) if on_cuda else []
+
+
 def _clones(inputs: Sequence[object]) -> list[object]:
     return [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
             for a in inputs]
@@ -50,11 +56,10 @@ def _clones(inputs: Sequence[object]) -> list[object]:
 def dry_run(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
     """One forward and backward of ``gm`` on clones of ``inputs`` (random state restored, cotangents
     of ones, gradients discarded); the iteration counts it adds to ``hbp_iterations`` are reset."""
-    on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in inputs)
     log = logging.getLogger("hbp_compile")
     was_disabled, log.disabled = log.disabled, True  # its iteration counts are not the training's
     try:
-        _step(gm, inputs, on_cuda)
+        _step(gm, inputs)
     finally:
         log.disabled = was_disabled
     for module in gm.modules():
@@ -63,8 +68,8 @@ def dry_run(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
             usage.reset()
 
 
-def _step(gm: fx.GraphModule, inputs: Sequence[object], on_cuda: bool) -> None:
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if on_cuda else []):
+def _step(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
+    with torch.random.fork_rng(devices=_rng_devices(inputs)):
         args = _clones(inputs)
         with torch.enable_grad():
             outs = [o for o in pytree.tree_leaves(gm(*args))
@@ -98,8 +103,7 @@ def forward_mismatch(original: Callable, rewritten: Callable, inputs: Sequence[o
     """None when both give the same outputs and input mutations (bit for bit when ``exact``; up to
     kernel rounding otherwise, for compiled code); else what differs."""
     same = _identical if exact else _close
-    on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in inputs)
-    devices = list(range(torch.cuda.device_count())) if on_cuda else []
+    devices = _rng_devices(inputs)
     with torch.random.fork_rng(devices=devices):
         cpu_state = torch.random.get_rng_state()
         cuda_states = torch.cuda.get_rng_state_all() if devices else []

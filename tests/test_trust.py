@@ -141,6 +141,8 @@ def test_a_forward_dynamo_never_captures_is_said():
     compiled = hbp_compile(Disabled().double(), k=3, backend="eager")
     with pytest.warns(UserWarning, match="without torch.compile capturing any graph.*torch.compiler.disable"):
         compiled(torch.randn(2, 6, dtype=torch.float64)).backward()
+    compiled(torch.randn(2, 6, dtype=torch.float64)).backward()  # counted, not warned again
+    assert compiled.uncaptured_calls == 2
 
 
 @pytest.mark.parametrize("recompute", [True, False])

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .model import ResidualKind
-from .ops import LAYOUT_OPS
+from .ops import CASTS, LAYOUT_OPS
 
 _aten = torch.ops.aten
 
@@ -45,13 +45,12 @@ _SYMPY_OPS: dict[object, tuple[Callable[[fx.Node, list], sympy.Expr], set[str]]]
     _aten.sigmoid.default: (lambda n, a: 1 / (1 + sympy.exp(-a[0])), set()),
     _aten.tanh.default: (lambda n, a: sympy.tanh(a[0]), set()),
     _aten.exp.default: (lambda n, a: sympy.exp(a[0]), set()),
-    _aten.clone.default: (lambda n, a: a[0], {"memory_format"}),
     _aten.alias.default: (lambda n, a: a[0], set()),
 }
 # Views, reshapes and casts on the path: detection admits them only where every element keeps its
 # position from x to y (segments.keeps_element_positions), so for K they are the identity.
 _SYMPY_OPS.update({op: (lambda n, a: a[0], set()) for op in LAYOUT_OPS})
-_SYMPY_OPS[_aten._to_copy.default] = (lambda n, a: a[0], {"dtype", "memory_format"})
+_SYMPY_OPS.update({op: (lambda n, a: a[0], kwargs) for op, kwargs in CASTS.items()})
 
 
 def _closed_form(node: fx.Node) -> Callable[[fx.Node, list], sympy.Expr] | None:

@@ -121,7 +121,8 @@ LAYOUT_OPS = {
     _aten.view_copy.default, _aten.transpose_copy.int, _aten.permute_copy.default, _aten.t_copy.default,
     _aten.unsqueeze_copy.default, _aten.squeeze_copy.dim, _aten.alias_copy.default,
 }
-_CASTS = {_aten._to_copy.default: {"dtype", "memory_format"}, _aten.clone.default: {"memory_format"}}
+# copies that may cast, with the keyword arguments that keep them pure copies
+CASTS = {_aten._to_copy.default: {"dtype", "memory_format"}, _aten.clone.default: {"memory_format"}}
 
 
 def is_layout(node: fx.Node) -> bool:
@@ -131,7 +132,7 @@ def is_layout(node: fx.Node) -> bool:
         return False
     if node.target in LAYOUT_OPS:
         return True
-    allowed = _CASTS.get(node.target)
+    allowed = CASTS.get(node.target)
     if allowed is None or not set(node.kwargs) <= allowed:
         return False
     out = tensor_meta(node)

@@ -29,6 +29,7 @@ import torch.utils._pytree as pytree
 
 from ..capture import REQUIRES_GRAD_META_KEY
 from .ops import (
+    LAYOUT_OPS,
     is_layer_norm,
     is_layout,
     is_light,
@@ -119,7 +120,7 @@ def keeps_element_positions(x: fx.Node, residual: Sequence[fx.Node]) -> bool:
         sources = [env[a] for a in node.all_input_nodes if a in env]
         if not sources or any(s.shape != sources[0].shape or not torch.equal(s, sources[0]) for s in sources):
             return False
-        if is_layout(node) and node.target not in _CASTS_AND_COPIES:
+        if node.target in LAYOUT_OPS:  # moves elements (casts and copies keep them in place)
             args = node.args[1:]
             if any(isinstance(a, fx.Node) for a in pytree.tree_leaves(args)):
                 return False  # a shape computed at run time: cannot tell
@@ -136,7 +137,6 @@ def keeps_element_positions(x: fx.Node, residual: Sequence[fx.Node]) -> bool:
         tuple(env[end].shape) == tuple(meta.shape)
 
 
-_CASTS_AND_COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.clone.default}
 _RESHAPES = {op: torch.ops.aten.reshape.default for op in (
     torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.view_copy.default)}
 

@@ -143,7 +143,7 @@ def differentiable_side_outputs(layer: Layer, layer_fn: fx.GraphModule) -> tuple
     return tuple(bool(getattr(v, "requires_grad", False)) for v in out[1: 1 + len(layer.side_outputs)])
 
 
-_SLICES = {_aten.slice.Tensor: 0, _aten.slice_scatter.default: 0}
+_SLICE_DIM_ARG = {_aten.slice.Tensor: 1, _aten.slice_scatter.default: 2}  # where each one's dim argument is
 
 
 def _clamp_slice_ends(graph: fx.Graph) -> None:
@@ -151,9 +151,9 @@ def _clamp_slice_ends(graph: fx.Graph) -> None:
     that end ("IntArrayRef contains an int that cannot be represented as a SymInt", Funnel's pooling).
     The dim's static size is the same slice."""
     for node in graph.nodes:
-        if node.target not in _SLICES:
+        dim_at = _SLICE_DIM_ARG.get(node.target)
+        if dim_at is None:
             continue
-        dim_at = 1 if node.target is _aten.slice.Tensor else 2
         args = list(node.args)
         source = args[0].meta.get("val") if isinstance(args[0], fx.Node) else None
         if len(args) <= dim_at + 2 or not isinstance(source, torch.Tensor):
