@@ -14,6 +14,9 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int  # noqa: F401
 from torch.fx.traceback import preserve_node_meta  # noqa: F401
 from torch._functorch.partitioners import default_partition  # noqa: F401
 from torch._dynamo.exc import FailOnRecompileLimitHit as RecompileLimitHit  # noqa: F401
+# what torch.compile returns for a module; the ecosystem (accelerate's unwrap_model, the Hugging Face
+# Trainer's save_model, Lightning's from_compiled) recognizes compiled models by this class
+from torch._dynamo.eval_frame import OptimizedModule  # noqa: F401
 
 
 
@@ -29,6 +32,14 @@ def capturing_rnns(*, fail_on_recompile_limit: bool = False):
     if fail_on_recompile_limit:
         return config.patch(allow_rnn=True, fail_on_recompile_limit_hit=True)
     return config.patch(allow_rnn=True)
+
+
+def compile_context(backend):
+    """The dynamo context that ``torch.compile(fn, backend=backend, dynamic=False)`` applies: what an
+    ``OptimizedModule`` keeps as ``dynamo_ctx`` (Lightning wraps ``training_step`` with it)."""
+    import torch._dynamo
+
+    return torch._dynamo.optimize(backend=backend, dynamic=False)
 
 
 def recompile_limit() -> int:

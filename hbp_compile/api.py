@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ._torch_compat import RecompileLimitHit, capturing_rnns, recompile_limit
+from ._torch_compat import OptimizedModule, RecompileLimitHit, capturing_rnns, compile_context, recompile_limit
 from .backend import HbpBackend
 from .compile import fresh_function
 from .engine.highway import ChainModule
@@ -41,6 +41,19 @@ def _with_signature_of(model: torch.nn.Module, call: Callable[..., Any]) -> Call
     return forward
 
 
+def _sharded_layers_advice(model: torch.nn.Module) -> str:
+    """Why a model sharded layer by layer with FSDP2 has no chain, and what to do; "" otherwise."""
+    fsdp_module = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
+    if fsdp_module is None:
+        return ""
+    sharded = [name for name, m in model.named_modules() if name and isinstance(m, fsdp_module)]
+    if not sharded:
+        return ""
+    return (f"{len(sharded)} submodules are sharded with FSDP2's fully_shard (`{sharded[0]}`, ...) and torch.compile "
+            "splits the graph at each of them, so no chain of layers is captured whole. Apply fully_shard to "
+            "the root module only (trains exactly with Highway-BP), or use DistributedDataParallel; ")
+
+
 def _keys_under_orig_mod(state_dict: dict, prefix: str, *args: Any) -> None:
     """A parent module's ``load_state_dict`` walks into the wrapper's ``_orig_mod`` child and looks
     for ``{prefix}_orig_mod.*``; the wrapper's ``state_dict`` wrote the model's own keys under
@@ -50,20 +63,35 @@ def _keys_under_orig_mod(state_dict: dict, prefix: str, *args: Any) -> None:
         state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
 
 
-class HighwayModule(torch.nn.Module):
+class HighwayModule(OptimizedModule):
     """A model whose backward runs Highway-BP. Shares parameters and buffers with the original.
 
-    ``state_dict()`` and ``load_state_dict()`` use the original model's keys, also inside a parent
-    module (``parent.load_state_dict(parent.state_dict())`` round-trips); attributes the wrapper does
-    not have are looked up on the original model.
+    It is an ``OptimizedModule``, the class ``torch.compile`` returns, so that tools which unwrap
+    compiled models find the original in ``_orig_mod``: accelerate's ``unwrap_model``, the Hugging
+    Face Trainer's ``save_model`` (``save_pretrained`` on the model, tied weights handled) and
+    Lightning's ``Trainer.fit``. ``state_dict()`` and ``load_state_dict()`` use the original model's
+    keys, also inside a parent module (``parent.load_state_dict(parent.state_dict())`` round-trips);
+    attributes the wrapper does not have are looked up on the original model, and attributes set on
+    the wrapper stay on it (``nn.Module`` semantics, not ``OptimizedModule``'s forwarding).
     """
 
+    # nn.Module's attribute handling and call, not OptimizedModule's (which forwards every assignment
+    # to the original and marks calls for dynamo's hook tracing)
+    __setattr__ = torch.nn.Module.__setattr__
+    __delattr__ = torch.nn.Module.__delattr__
+    __call__ = torch.nn.Module.__call__
+
     def __init__(self, model: torch.nn.Module, options: HbpOptions):
-        super().__init__()
+        # OptimizedModule's ``training`` property reads this flag while nn.Module.__init__ runs
+        object.__setattr__(self, "_super_module_initialized", False)
+        torch.nn.Module.__init__(self)
+        self._super_module_initialized = True
         self._orig_mod = model
         self.hbp_options = options
         self.hbp_backend = HbpBackend(options, quiet_no_chain=True)
         self._compiled = torch.compile(_fresh_entry(model), backend=self.hbp_backend, dynamic=False)
+        # what Lightning's ``from_compiled`` wraps ``training_step`` with: the same Highway-BP backend
+        self.dynamo_ctx = compile_context(self.hbp_backend)
         self._register_load_state_dict_pre_hook(_keys_under_orig_mod)
         self.forward = _with_signature_of(model, self._highway_forward)
         self.uncaptured_calls = 0  # calls that ran the original model: past the recompile limit, or never captured
@@ -93,7 +121,8 @@ class HighwayModule(torch.nn.Module):
             if why:
                 self._warned_nothing_rewritten = True
                 warnings.warn(f"hbp_compile: nothing in the model was rewritten, it trains with exact backprop: "
-                              f"no residual chain found ({why})", UserWarning, stacklevel=2)
+                              f"{_sharded_layers_advice(self._orig_mod)}no residual chain found ({why})",
+                              UserWarning, stacklevel=2)
         return out
 
     def _warn_uncaptured(self, why: str) -> None:
@@ -101,6 +130,10 @@ class HighwayModule(torch.nn.Module):
         if not self._warned_uncaptured:
             self._warned_uncaptured = True
             warnings.warn(f"hbp_compile: {why}", UserWarning, stacklevel=3)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # type: ignore[override]
+        # pickled as the model and the options; the captured graphs are rebuilt on the first call
+        return (HighwayModule, (self._orig_mod, self.hbp_options))
 
     def __deepcopy__(self, memo: dict) -> "HighwayModule":
         """A compiled copy of a deep copy of the model (the captured graphs hold fake tensors and
@@ -142,7 +175,7 @@ class HighwayModule(torch.nn.Module):
         return Report(tuple(self.hbp_backend.records), self.hbp_options)
 
 
-def hbp_compile(model: torch.nn.Module, k: int | str = 3, *, gamma: float = 0.0, backend: str = "inductor",
+def hbp_compile(model: torch.nn.Module, k: int | str = 3, *, gamma: float = 0.0, backend: str | None = None,
                 recompute: bool = True, tol: float = 1e-3, k_max: int | None = None, min_layers: int = 2,
                 debug_dir: str | None = None, strict: bool | None = None, chunk: int | None = None) -> HighwayModule:
     """Train ``model`` with Highway backpropagation truncated at ``k`` iterations.
@@ -151,7 +184,7 @@ def hbp_compile(model: torch.nn.Module, k: int | str = 3, *, gamma: float = 0.0,
     Highway-BP backward, everything else keeps ordinary autograd. The forward is unchanged.
     ``backend="inductor"`` (default) generates code for the layer functions, the batched VJPs, the
     scans and the code around the chains; ``"eager"`` runs the same rewrite uncompiled. Options are
-    described in ``HbpOptions``.
+    described in ``HbpOptions`` (``backend=None`` reads ``$HBP_BACKEND``, default Inductor).
 
     >>> import torch
     >>> from hbp_compile import hbp_compile

@@ -21,6 +21,8 @@ class HbpOptions:
     * ``tol``, ``k_max``: the stopping rule of ``k="auto"`` (ignored for an integer k).
     * ``gamma``: γ-split in [0, 1] (HIGHWAY_BP.md §1); 1 is fixed-point iteration.
     * ``backend``: ``"inductor"`` (code generation) or ``"eager"`` (the same rewrite, uncompiled).
+      Default: ``$HBP_BACKEND`` (set ``HBP_BACKEND=eager`` to debug a training script without
+      editing it), else ``"inductor"``.
     * ``recompute``: ``True`` keeps only the states between forward and backward and recomputes the
       block intermediates in one batched forward per group in the backward (memory like activation
       checkpointing); ``False`` keeps them from the forward (memory like backprop, no extra forward).
@@ -39,7 +41,7 @@ class HbpOptions:
 
     k: int | str = 3
     gamma: float = 0.0
-    backend: str = "inductor"
+    backend: str | None = None
     recompute: bool = True
     min_layers: int = 2
     debug_dir: str | None = None
@@ -64,8 +66,11 @@ class HbpOptions:
             raise TypeError(f"hbp_compile: gamma must be a float in [0, 1], got {self.gamma!r}")
         if not 0.0 <= float(self.gamma) <= 1.0:
             raise ValueError(f"hbp_compile: gamma must be in [0, 1], got {self.gamma}")
+        if self.backend is None:
+            object.__setattr__(self, "backend", os.environ.get("HBP_BACKEND") or "inductor")
         if self.backend not in BACKENDS:
-            raise ValueError(f"hbp_compile: backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise ValueError(f"hbp_compile: backend must be one of {BACKENDS} (or unset, to read $HBP_BACKEND), "
+                             f"got {self.backend!r}")
         if not isinstance(self.recompute, bool):
             raise TypeError(f"hbp_compile: recompute must be True or False, got {self.recompute!r}")
         if isinstance(self.min_layers, bool) or not isinstance(self.min_layers, int) or self.min_layers < 1:

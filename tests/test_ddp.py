@@ -1,5 +1,7 @@
-"""DistributedDataParallel (gloo, 2 processes on this CPU): an hbp-compiled model trains under DDP
-and its gradients equal single-process training on the whole batch, step after step.
+"""DistributedDataParallel and FSDP2 (gloo, 2 processes on this CPU): an hbp-compiled model trains
+under DDP, and under ``fully_shard`` on its root module, and its gradients equal single-process
+training on the whole batch, step after step. A model sharded layer by layer is not rewritten (the
+graph breaks at every sharded module) and the warning says so.
 
 The ranks are plain subprocesses (``python -m tests.ddp_worker``) with a timeout, not forks of the
 pytest process: a forked rank inherits pytest's and dynamo's state and a hang would stall the suite.
@@ -32,10 +34,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_ddp_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_single_process(tmp_path, mode):
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
                OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    ranks = [subprocess.Popen([sys.executable, "-m", "tests.ddp_worker", str(tmp_path)], cwd=ROOT,
+    ranks = [subprocess.Popen([sys.executable, "-m", "tests.ddp_worker", str(tmp_path), mode], cwd=ROOT,
                               env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(2)]
     try:
@@ -59,3 +62,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         got = torch.load(tmp_path / f"rank{r}.pt")
         for step, (g, w) in enumerate(zip(got, want)):
             assert max_relative_error(g, w) < 1e-10, f"rank {r} step {step}"
+    if mode == "fsdp":
+        for r in range(2):
+            said = (tmp_path / f"rank{r}-per-layer.txt").read_text()
+            assert "fully_shard" in said and "root module" in said, said

@@ -29,9 +29,9 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i], "unused_column": 0}
 
 
-def _gpt2():
+def _gpt2(**config_kwargs):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=16, **config_kwargs)
     return transformers.GPT2LMHeadModel(config)
 
 
@@ -50,6 +50,12 @@ def test_trainer_with_default_arguments_trains_hbp_compile_model(tmp_path):
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert compiled.hbp_report.num_layers == 4  # both blocks' attention and MLP layers
     assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, before)
+    # the Trainer unwraps the compiled model (an OptimizedModule) and calls save_pretrained on the
+    # GPT-2 itself: tied embedding and head weights are handled, the reload has the trained weights
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "saved"))
+    for (name, p), q in zip(model.named_parameters(), reloaded.parameters()):
+        assert torch.equal(p.detach(), q.detach()), name
 
 
 def test_trainer_with_in_place_compile_saves_and_reloads(tmp_path):
@@ -64,3 +70,25 @@ def test_trainer_with_in_place_compile_saves_and_reloads(tmp_path):
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "saved"))
     for (name, p), q in zip(model.named_parameters(), reloaded.parameters()):
         assert torch.equal(p.detach(), q.detach()), name
+
+
+def test_accelerate_prepare_trains_exactly():
+    """accelerate's prepare() keeps the compiled model (it is an OptimizedModule: not compiled a
+    second time), unwrap_model finds the model, and a step at k >= L equals plain backprop's."""
+    accelerate = pytest.importorskip("accelerate")
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    model, reference = _gpt2(**no_dropout).double(), _gpt2(**no_dropout).double()
+    batch = Tokens()[0]
+    ids = batch["input_ids"][None]
+    accelerator = accelerate.Accelerator(cpu=True)
+    compiled = hbp_compile(model, k=8, backend="eager")
+    prepared, optimizer = accelerator.prepare(compiled, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert accelerator.unwrap_model(prepared, keep_torch_compile=False) is model
+    accelerator.backward(prepared(ids, labels=ids).loss)
+    optimizer.step()
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    reference(ids, labels=ids).loss.backward()
+    reference_optimizer.step()
+    assert compiled.hbp_report.num_layers == 4
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)

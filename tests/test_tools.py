@@ -83,3 +83,14 @@ def test_examples_run_and_print_their_table(script, args, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| HBP k=1" in out.stdout
     assert plot.exists()
+
+
+def test_trainer_example_trains_saves_and_reloads(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_trainer.py"), "--steps", "2", "--layers", "2",
+                          "--length", "16", "--backend", "eager", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Highway-BP rewrote 4 residual layers" in out.stdout
+    assert "reloaded weights equal the trained ones: True" in out.stdout
