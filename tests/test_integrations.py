@@ -53,9 +53,11 @@ def test_trainer_with_default_arguments_trains_hbp_compile_model(tmp_path):
     # the Trainer unwraps the compiled model (an OptimizedModule) and calls save_pretrained on the
     # GPT-2 itself: tied embedding and head weights are handled, the reload has the trained weights
     trainer.save_model(str(tmp_path / "saved"))
-    reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "saved"))
-    for (name, p), q in zip(model.named_parameters(), reloaded.parameters()):
-        assert torch.equal(p.detach(), q.detach()), name
+    compiled.save_pretrained(str(tmp_path / "direct"))  # the model's own method, through the wrapper
+    for saved in ("saved", "direct"):
+        reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / saved))
+        for (name, p), q in zip(model.named_parameters(), reloaded.parameters()):
+            assert torch.equal(p.detach(), q.detach()), (saved, name)
 
 
 def test_trainer_with_in_place_compile_saves_and_reloads(tmp_path):
