@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -45,6 +46,11 @@ def test_state_dict_round_trip_and_deepcopy():
     assert torch.equal(clone(x), want)
     clone(x).backward()  # the copy trains its own parameters
     assert all(p.grad is None for p in model.parameters())
+    pickled = pickle.loads(pickle.dumps(compiled))  # after a call: the captured graphs are not pickled
+    assert type(pickled) is type(compiled) and pickled.hbp_options == compiled.hbp_options
+    assert torch.equal(pickled(x), want)
+    pickled(x).backward()
+    assert pickled.hbp_report.num_layers == 3 and all(p.grad is None for p in model.parameters())
 
 
 def test_no_grad_and_eval_give_the_original_outputs():
