@@ -1,10 +1,11 @@
 """First-call (compile) time of ``hbp_compile`` with Inductor vs depth, measured in one run.
 
-Run: python benchmarks/compile_time.py [--depths 4 48] [--width 32] [--batch 8]
+Run: python -m benchmarks.compile_time [--depths 4 48] [--width 32] [--batch 8] [--write]
 Each configuration runs in a fresh subprocess with an empty Inductor cache, so no depth profits from
 another's compiled kernels. Prints the first training step's time (capture, rewrite, Inductor code
 generation of the forward and backward) per depth and the ratio to the shallowest, for
-``hbp_compile(k=3)`` and for ``torch.compile`` backprop.
+``hbp_compile(k=3)`` and for ``torch.compile`` backprop. ``--write`` puts the table into docs/compile.md
+(between the ``compile-time`` markers), headed by the command that wrote it.
 """
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
+from pathlib import Path
+
+import torch
+
+from .suite import device_name, write_section
 
 _ONE_RUN = r"""
 import json, sys, time, torch
@@ -43,23 +48,28 @@ def first_call(method: str, depth: int, width: int, batch: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_time", description=__doc__)
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 48])
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--methods", nargs="+", default=["hbp", "torch.compile"])
-    args = parser.parse_args()
-    print(f"pre-LN residual MLP, d={args.width}, B={args.batch}, torch {__import__('torch').__version__}")
-    print(f"{'method':>14} {'depth':>6} {'first step s':>13} {'vs shallowest':>14} {'second step s':>14}")
+    parser.add_argument("--write", action="store_true", help="write the table into docs/compile.md")
+    args = parser.parse_args(argv)
+    lines = [f"Written by `python -m benchmarks.compile_time {' '.join(sys.argv[1:] if argv is None else argv)}` on "
+             f"{device_name('cpu')}, torch {torch.__version__}: a pre-LN residual MLP, d={args.width}, "
+             f"B={args.batch}; each configuration in a fresh process with an empty Inductor cache.", "",
+             "| method | depth | first step (s) | / shallowest | second step (s) |", "|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for method in args.methods:
         base = None
         for depth in args.depths:
-            t0 = time.perf_counter()
             r = first_call(method, depth, args.width, args.batch)
             base = base or r["first"]
-            print(f"{method:>14} {depth:>6} {r['first']:>13.2f} {r['first'] / base:>14.2f} {r['second']:>14.4f}"
-                  f"   (process {time.perf_counter() - t0:.1f} s)", flush=True)
+            lines.append(f"| {method} | {depth} | {r['first']:.2f} | {r['first'] / base:.2f} | {r['second']:.4f} |")
+            print(lines[-1], flush=True)
+    if args.write:
+        write_section(Path(__file__).resolve().parents[1] / "docs" / "compile.md", "\n".join(lines), "compile-time")
 
 
 if __name__ == "__main__":

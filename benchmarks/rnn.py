@@ -1,7 +1,10 @@
 """Highway-BP on recurrences: GRU and LSTM training steps vs backprop, measured in one run.
 
-Run: python benchmarks/rnn.py [--steps 256 1024] [--width 64] [--batch 32] [--repeats 5] [--device cpu|cuda]
-                              [--sources module cell-loop scan]
+Run: python -m benchmarks.rnn [--steps 256 1024] [--width 64] [--batch 32] [--repeats 5] [--device cpu|cuda]
+                              [--sources module cell-loop scan] [--write SECTION]
+
+``--write SECTION`` replaces the table between the ``<!-- SECTION:begin/end -->`` markers of
+docs/recurrence-study.md with this run's, headed by the command that wrote it.
 
 Sources: ``module`` is ``nn.GRU``/``nn.LSTM``; ``cell-loop`` a Python loop over ``nn.GRUCell``/
 ``nn.LSTMCell`` (dynamo unrolls it: capture time grows with T); ``scan`` the GRU cell inside
@@ -17,13 +20,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from hbp_compile import hbp_compile
+
+from .suite import device_name, write_section
 
 
 class SequenceModel(nn.Module):
@@ -134,8 +141,9 @@ def run(source: str, cell: str, steps: int, args) -> list[tuple[str, float, floa
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.rnn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", nargs="+", default=["gru", "lstm"])
     parser.add_argument("--sources", nargs="+", default=["module"], choices=sorted(MODELS))
     parser.add_argument("--steps", nargs="+", type=int, default=[256, 1024])
@@ -146,9 +154,15 @@ def main() -> None:
     parser.add_argument("--compile-max-steps", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    print(f"device={args.device} threads={torch.get_num_threads()} width={args.width} batch={args.batch} float32")
-    print("| source | cell | T | method | step (ms) | / eager backprop | first call (s) | grad cosine |")
-    print("|---|---|---|---|---|---|---|---|")
+    parser.add_argument("--write", metavar="SECTION", default=None,
+                        help="write the table into docs/recurrence-study.md between this section's markers")
+    args = parser.parse_args(argv)
+    lines = [f"Written by `python -m benchmarks.rnn {' '.join(sys.argv[1:] if argv is None else argv)}` on "
+             f"{device_name(args.device)}, torch {torch.__version__}: width {args.width}, batch {args.batch}, "
+             f"float32, median of {args.repeats} steps after 2, one process.", "",
+             "| source | cell | T | method | step (ms) | / eager backprop | first call (s) | grad cosine |",
+             "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for source in args.sources:
         for cell in args.cells:
             if source == "scan" and cell != "gru":
@@ -158,8 +172,12 @@ def main() -> None:
                 base = rows[0][2]
                 for name, first, step, cos in rows:
                     cosine = "" if cos != cos else f"{cos:.4f}"
-                    print(f"| {source} | {cell} | {steps} | {name} | {1e3 * step:.1f} | {step / base:.2f} | "
-                          f"{first:.2f} | {cosine} |", flush=True)
+                    lines.append(f"| {source} | {cell} | {steps} | {name} | {1e3 * step:.1f} | {step / base:.2f} | "
+                                 f"{first:.2f} | {cosine} |")
+                    print(lines[-1], flush=True)
+    if args.write:
+        write_section(Path(__file__).resolve().parents[1] / "docs" / "recurrence-study.md", "\n".join(lines),
+                      args.write)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,21 @@
 """The benchmark suite: every workload of ``workloads.py`` under every method, in one run.
 
-Run: python -m benchmarks [--quick] [--only NAME...] [--repeats 9] [--no-write] [--replot]
+Run: python -m benchmarks [--quick] [--only NAME...] [--repeats 9] [--interleaved] [--no-write] [--replot]
 
 Methods: eager backprop, torch.compile backprop, fixed-point iteration (γ = 1, k = 3), HBP at k in
 (0, 1, 3, 10) (Inductor; the workload's γ) and HBP k=3 with ``recompute=False``. Per method: median
 step time / eager backprop's (measured in this run), first-call time (compilation included), peak
 memory of a training step / eager backprop's (CUDA ``max_memory_allocated``, or torch.profiler's CPU
-memory timeline), and the cosine similarity of the parameter gradient to the exact one on the same batch.
+memory timeline), the cosine similarity of the parameter gradient to the exact one on the same batch,
+kernels per training step (forward / backward, ``kernels.py``) and the backward's sequential depth
+in block VJPs over the rewritten chains (from the compiled model's report; backprop's for the
+backprop methods). Times move between runs; kernel counts and depths do not.
+
+Two modes. By default each method runs in a process of its own. ``--interleaved`` runs a workload's
+methods in one process and alternates them step by step, round after round, so that a slow spell of
+the machine hits every method alike; the tables then show the median and the min–max of the
+rounds, and the difference between the two modes is the noise a reader should allow for.
+
 An HBP method whose model was not rewritten (no layer, or a graph that failed) is a row that says
 "fell back to exact backprop" with the reasons, never a number read as Highway-BP's.
 
@@ -35,6 +44,7 @@ from tqdm import tqdm
 
 from hbp_compile import hbp_compile
 
+from .kernels import count_step_kernels, enable_kernel_events
 from .workloads import Workload, workloads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +61,12 @@ class Row:
     peak_bytes: float
     cosine: float
     error: str = ""
+    step_min_s: float = float("nan")
+    step_max_s: float = float("nan")
+    kernels_forward: int = 0
+    kernels_backward: int = 0
+    depth: int | None = None  # the backward's sequential depth in block VJPs over the rewritten chains
+    depth_backprop: int | None = None  # the same chains' depth under backprop
 
 
 def methods(workload: Workload, ks=HBP_KS) -> list[tuple[str, int | None, object]]:
@@ -94,23 +110,67 @@ def _peak_memory(fn, model, workload: Workload, batch: tuple, device: str) -> fl
     return float(max(sum(s) for s in sizes))
 
 
-def measure(workload: Workload, name: str, k: int | None, wrap, repeats: int, device: str,
-            exact: torch.Tensor, init: torch.nn.Module, batch: tuple) -> Row:
+@dataclass
+class Prepared:
+    """A method's model, warmed up: its first call (compilation included) and a second are done."""
+
+    name: str
+    k: int | None
+    model: torch.nn.Module
+    fn: object
+    first_s: float
+    times: list[float]
+
+
+def prepare(workload: Workload, name: str, k: int | None, wrap, device: str, init: torch.nn.Module,
+            batch: tuple) -> Prepared:
     model = copy.deepcopy(init)
     fn = wrap(model)
     start = time.perf_counter()
     _step(fn, model, workload, batch, device)
     first = time.perf_counter() - start
     _step(fn, model, workload, batch, device)  # warm: a second call may still specialise
-    times = []
+    return Prepared(name, k, model, fn, first, [])
+
+
+def time_step(method: Prepared, workload: Workload, batch: tuple, device: str) -> None:
+    start = time.perf_counter()
+    _step(method.fn, method.model, workload, batch, device)
+    method.times.append(time.perf_counter() - start)
+
+
+def finish(workload: Workload, method: Prepared, device: str, exact: torch.Tensor, batch: tuple) -> Row:
+    """The row of a timed method: its gradient's cosine (last step), peak memory, kernels and depth."""
+    cosine = torch.nn.functional.cosine_similarity(_grads(method.model).double(), exact.double(), dim=0).item()
+    peak = _peak_memory(method.fn, method.model, workload, batch, device)
+    method.model.zero_grad(set_to_none=True)
+    forward, backward = count_step_kernels(lambda: workload.loss(method.fn, batch), device)
+    report = getattr(method.fn, "hbp_report", None)
+    depths = report.backward_depths() if report is not None else (None, None)
+    return Row(workload.name, method.name, method.k, statistics.median(method.times), method.first_s, peak, cosine,
+               error=fell_back(method.fn), step_min_s=min(method.times), step_max_s=max(method.times),
+               kernels_forward=forward, kernels_backward=backward, depth=depths[1], depth_backprop=depths[0])
+
+
+def measure(workload: Workload, name: str, k: int | None, wrap, repeats: int, device: str,
+            exact: torch.Tensor, init: torch.nn.Module, batch: tuple) -> Row:
+    method = prepare(workload, name, k, wrap, device, init, batch)
     for _ in range(repeats):
-        start = time.perf_counter()
-        _step(fn, model, workload, batch, device)
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
-    cosine = torch.nn.functional.cosine_similarity(_grads(model).double(), exact.double(), dim=0).item()
-    peak = _peak_memory(fn, model, workload, batch, device)
-    return Row(workload.name, name, k, step_s, first, peak, cosine, error=fell_back(fn))
+        time_step(method, workload, batch, device)
+    return finish(workload, method, device, exact, batch)
+
+
+def measure_interleaved(workload: Workload, repeats: int, device: str, ks=HBP_KS, chosen=None) -> list[Row]:
+    """Every method of ``workload`` (or the ``chosen`` (name, k, wrap) triples) in this process,
+    alternating: round r times each method once, starting from method r (mod the number of
+    methods), so that no method always follows the same one."""
+    init, batch, exact = _workload_inputs(workload, device)
+    chosen = methods(workload, ks) if chosen is None else chosen
+    prepared = [prepare(workload, name, k, wrap, device, init, batch) for name, k, wrap in chosen]
+    for r in range(repeats):
+        for i in range(len(prepared)):
+            time_step(prepared[(r + i) % len(prepared)], workload, batch, device)
+    return [finish(workload, method, device, exact, batch) for method in prepared]
 
 
 def fell_back(fn: object) -> str:
@@ -153,41 +213,69 @@ def run(selected: list[Workload], repeats: int, device: str, ks=HBP_KS) -> list[
     return rows
 
 
-def run_one(workload_name: str, method_name: str, repeats: int, device: str, ks=HBP_KS) -> Row:
-    """One method on one workload, in this process (the child of ``run``)."""
-    workload = next(w for w in workloads() if w.name == workload_name)
-    _, k, wrap = next(m for m in methods(workload, ks) if m[0] == method_name)
+def _workload_inputs(workload: Workload, device: str) -> tuple[torch.nn.Module, tuple, torch.Tensor]:
+    """The initial model, the batch and backprop's exact gradient on it."""
     torch.manual_seed(0)
     init = workload.make_model().to(device).train()
     batch = tuple(t.to(device) for t in workload.make_batch(torch.Generator().manual_seed(0)))
     reference = copy.deepcopy(init)
     _step(reference, reference, workload, batch, device)
-    return measure(workload, method_name, k, wrap, repeats, device, _grads(reference), init, batch)
+    return init, batch, _grads(reference)
 
 
-def markdown(rows: list[Row], selected: list[Workload], device: str, repeats: int) -> str:
+def run_one(workload_name: str, method_name: str, repeats: int, device: str, ks=HBP_KS) -> Row:
+    """One method on one workload, in this process (the child of ``run``)."""
+    workload = next(w for w in workloads() if w.name == workload_name)
+    _, k, wrap = next(m for m in methods(workload, ks) if m[0] == method_name)
+    init, batch, exact = _workload_inputs(workload, device)
+    return measure(workload, method_name, k, wrap, repeats, device, exact, init, batch)
+
+
+def run_interleaved(selected: list[Workload], repeats: int, device: str, ks=HBP_KS) -> list[Row]:
+    """Each workload's methods alternating in this process (``--interleaved``)."""
+    rows = []
+    for workload in tqdm(selected, desc="benchmarks (interleaved)", unit="workload"):
+        rows += measure_interleaved(workload, repeats, device, ks)
+    return rows
+
+
+COLUMNS = ("method", "step (ms)", "min–max (ms)", "step / backprop", "first call (s)", "peak memory / backprop",
+           "grad cosine", "kernels fwd / bwd", "backward depth")
+
+
+def markdown(rows: list[Row], selected: list[Workload], device: str, repeats: int, interleaved: bool = False) -> str:
     cache = "a warm" if "hbp_bench_inductor_" not in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "") else "an empty"
-    lines = [f"Measured by `python -m benchmarks` on {device_name(device)}, torch {torch.__version__}, "
-             f"float32, median of {repeats} steps. Ratios are to eager backprop in the same run. The run started "
-             f"with {cache} Inductor cache. Each method runs in a process of its own; the processes share the "
-             "run's Inductor cache, so methods that compile the same graphs (HBP at another k) reuse its "
-             "entries, as a user changing k would.", ""]
+    if interleaved:
+        mode = ("A workload's methods run in one process, alternating step by step, round after round "
+                f"({repeats} rounds); min–max is over the rounds.")
+    else:
+        mode = ("Each method runs in a process of its own; the processes share the run's Inductor cache, so "
+                "methods that compile the same graphs (HBP at another k) reuse its entries, as a user changing k "
+                "would. min–max is over the timed steps.")
+    lines = [f"Measured by `python -m benchmarks{' --interleaved' if interleaved else ''}` on {device_name(device)}, "
+             f"torch {torch.__version__}, float32, median of {repeats} steps. Ratios are to eager backprop in the "
+             f"same run. The run started with {cache} Inductor cache. {mode} Kernels: operator calls that compute "
+             "(CPU) or device kernels (CUDA) per training step, forward / backward. Backward depth: block VJPs "
+             "on the longest path of the rewritten chains' backward (backprop's for the backprop methods).", ""]
     for workload in selected:
         mine = [r for r in rows if r.workload == workload.name]
         if not mine:
             continue
         base = next(r for r in mine if r.method == "eager backprop")
+        backprop_depth = next((r.depth_backprop for r in mine if r.depth_backprop), None)
         lines += [f"### {workload.name}", ""]
         if workload.note:
             lines += [workload.note + ".", ""]
-        lines += ["| method | step (ms) | step / backprop | first call (s) | peak memory / backprop | grad cosine |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for r in mine:
             if r.error:  # a failure, or an HBP method that fell back: no number to read as Highway-BP's
-                lines.append(f"| {r.method} | {r.error} | | | | |")
+                lines.append(f"| {r.method} | {r.error} |" + " |" * (len(COLUMNS) - 2))
                 continue
-            lines.append(f"| {r.method} | {r.step_s * 1e3:.1f} | {r.step_s / base.step_s:.2f} | {r.first_s:.1f} | "
-                         f"{r.peak_bytes / base.peak_bytes:.2f} | {r.cosine:.4f} |")
+            depth = r.depth if r.depth is not None else backprop_depth
+            lines.append(f"| {r.method} | {r.step_s * 1e3:.1f} | {r.step_min_s * 1e3:.1f}–{r.step_max_s * 1e3:.1f} | "
+                         f"{r.step_s / base.step_s:.2f} | {r.first_s:.1f} | {r.peak_bytes / base.peak_bytes:.2f} | "
+                         f"{r.cosine:.4f} | {r.kernels_forward} / {r.kernels_backward} | "
+                         f"{'' if depth is None else depth} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -206,13 +294,14 @@ def rows_from_markdown(text: str) -> list[Row]:
         if line.startswith("### "):
             workload = line[4:].strip()
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if not line.startswith("| ") or len(cells) != 6 or cells[0] == "method" or \
+        if not line.startswith("| ") or len(cells) != len(COLUMNS) or cells[0] == "method" or \
                 cells[1].startswith(("failed", "fell back")):
             continue
-        method, step_ms, _, first, peak, cosine = cells
-        k = re.search(r"\bk=(\d+)", method)
-        rows.append(Row(workload, method, int(k.group(1)) if k else None, float(step_ms) / 1e3, float(first),
-                        float(peak), float(cosine)))
+        named = dict(zip(COLUMNS, cells))
+        k = re.search(r"\bk=(\d+)", named["method"])
+        rows.append(Row(workload, named["method"], int(k.group(1)) if k else None, float(named["step (ms)"]) / 1e3,
+                        float(named["first call (s)"]), float(named["peak memory / backprop"]),
+                        float(named["grad cosine"])))
     return rows
 
 
@@ -278,15 +367,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warm-cache", action="store_true",
                         help="use Inductor's usual on-disk cache (default: a fresh one, so first calls compile)")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="alternate a workload's methods in one process instead of a process per method")
     parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--replot", action="store_true",
                         help="redraw the plots from the tables in docs/benchmarks.md, measure nothing")
     args = parser.parse_args(argv)
+    enable_kernel_events()
     if args.one:
         print(json.dumps(dataclasses.asdict(run_one(*args.one, args.repeats, args.device, tuple(args.ks)))))
         return
     if args.replot:
-        rows = rows_from_markdown((ROOT / "docs" / "benchmarks.md").read_text())
+        page = (ROOT / "docs" / "benchmarks.md").read_text()  # the process-per-method tables only
+        rows = rows_from_markdown(page[page.index("<!-- suite:begin -->"):page.index("<!-- suite:end -->")])
         named = {r.workload for r in rows}
         for path in plots(rows, [w for w in workloads() if w.name in named], ROOT / "docs" / "img"):
             print(f"plot: {path.relative_to(ROOT)}")
@@ -299,13 +392,17 @@ def main(argv: list[str] | None = None) -> None:
         selected = [w for w in selected if any(s.lower() in w.name.lower() for s in args.only)]
     if args.quick:
         selected, args.repeats, args.no_write = selected[:1], 2, True
-    rows = run(selected, args.repeats, args.device, tuple(args.ks))
-    text = markdown(rows, selected, args.device, args.repeats)
+    if args.interleaved:
+        rows = run_interleaved(selected, args.repeats, args.device, tuple(args.ks))
+    else:
+        rows = run(selected, args.repeats, args.device, tuple(args.ks))
+    text = markdown(rows, selected, args.device, args.repeats, args.interleaved)
     print(text)
     if not args.no_write:
-        write_section(ROOT / "docs" / "benchmarks.md", text)
-        for path in plots(rows, selected, ROOT / "docs" / "img"):
-            print(f"plot: {path.relative_to(ROOT)}")
+        write_section(ROOT / "docs" / "benchmarks.md", text, "suite-interleaved" if args.interleaved else "suite")
+        if not args.interleaved:  # the plots show the process-per-method run
+            for path in plots(rows, selected, ROOT / "docs" / "img"):
+                print(f"plot: {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.suite import Row, markdown, measure, rows_from_markdown, run_one, write_section  # noqa: E402
+from benchmarks.suite import (Row, markdown, measure, measure_interleaved, rows_from_markdown, run_one,  # noqa: E402
+                              write_section)
 from benchmarks.workloads import Workload, workloads  # noqa: E402
 from hbp_compile import hbp_compile  # noqa: E402
 
@@ -30,7 +31,7 @@ def test_markdown_reports_ratios_to_eager_backprop_and_failures():
             Row(w.name, "HBP k=1", 1, 0.005, 2.0, 1500.0, 0.99),
             Row(w.name, "HBP k=3", 3, float("nan"), 0, 0, 0, error="failed: RuntimeError: boom")]
     text = markdown(rows, [w], "cpu", 5)
-    assert "| HBP k=1 | 5.0 | 0.50 | 2.0 | 1.50 | 0.9900 |" in text
+    assert "| HBP k=1 | 5.0 | nan–nan | 0.50 | 2.0 | 1.50 | 0.9900 | 0 / 0 |  |" in text
     assert "failed: RuntimeError: boom" in text
 
 
@@ -49,13 +50,35 @@ def test_an_hbp_method_that_fell_back_is_reported_as_a_fallback():
                       init, batch)
     assert row.error.startswith("fell back to exact backprop (no layer rewritten)")
     text = markdown([Row(plain.name, "eager backprop", None, 0.01, 0.1, 10.0, 1.0), row], [plain], "cpu", 2)
-    assert "| HBP k=3 | fell back to exact backprop (no layer rewritten) | | | | |" in text
+    assert "| HBP k=3 | fell back to exact backprop (no layer rewritten) | | | | | | | |" in text
     assert [r.method for r in rows_from_markdown(text)] == ["eager backprop"]
+
+
+def test_interleaved_mode_reports_kernels_depths_and_spread(monkeypatch):
+    """Methods alternate in one process; every row has its kernel counts, the HBP row its depth and
+    backprop's, which the backprop row shows; the median lies within the min–max."""
+    from tests.models import PreLNMLP
+
+    depth = 6
+    stack = Workload("6 pre-LN blocks", lambda: torch.nn.Sequential(*[PreLNMLP(8, 16) for _ in range(depth)]),
+                     lambda g: (torch.randn(4, 8, generator=g),), lambda m, b: m(b[0]).pow(2).mean())
+    chosen = [("eager backprop", None, lambda m: m),
+              ("HBP k=1", 1, lambda m: hbp_compile(m, k=1, backend="eager"))]
+    rows = measure_interleaved(stack, 3, "cpu", chosen=chosen)
+    backprop, hbp = rows
+    assert hbp.error == "" and hbp.depth == 2 and hbp.depth_backprop == depth and backprop.depth is None
+    for row in rows:
+        assert row.kernels_forward > 0 and row.kernels_backward > 0
+        assert row.step_min_s <= row.step_s <= row.step_max_s
+    assert hbp.kernels_backward < backprop.kernels_backward  # one batched VJP per iteration, not one per layer
+    text = markdown(rows, [stack], "cpu", 3, interleaved=True)
+    backprop_line = next(line for line in text.splitlines() if line.startswith("| eager backprop"))
+    assert backprop_line.endswith(f"| {depth} |") and "alternating step by step" in text
 
 
 def test_one_method_measured_in_its_own_process_reports_a_row():
     row = run_one(workloads()[0].name, "eager backprop", 2, "cpu")
-    assert row.error == "" and row.step_s > 0 and row.peak_bytes > 0
+    assert row.error == "" and row.step_s > 0 and row.peak_bytes > 0 and row.kernels_backward > 0
     assert row.cosine == pytest.approx(1.0)
 
 

@@ -37,6 +37,23 @@ class Report:
     def fallbacks(self) -> tuple[GraphRecord, ...]:
         return tuple(r for r in self.records if r.fallback is not None)
 
+    def backward_depths(self) -> tuple[int, int]:
+        """The sequential depth of the rewritten chains' and recurrences' backward, in block (or step)
+        VJPs on the longest path, summed over them (one runs after the other): (backprop, Highway-BP).
+        Scan steps are not counted; the rest of the graph adds the same to both."""
+        backprop = highway = 0
+        for record in self.records:
+            if record.fallback is not None or record.detection is None:
+                continue
+            for recurrence in record.recurrences:
+                if recurrence.swapped:
+                    backprop += recurrence.steps
+                    highway += min(self.options.max_iterations, recurrence.steps) + 1
+            for chain in record.detection.chains:
+                bp, hbp, _ = backward_depth(chain, self.options.max_iterations)
+                backprop, highway = backprop + bp, highway + hbp
+        return backprop, highway
+
     def __str__(self) -> str:
         return "\n".join(format_report(self.records, self.options))
 
