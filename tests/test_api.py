@@ -30,6 +30,18 @@ def test_unknown_backend_and_option():
         HbpOptions.from_mapping({"kk": 1})
 
 
+def test_backend_default_reads_hbp_backend(monkeypatch):
+    monkeypatch.delenv("HBP_BACKEND", raising=False)
+    assert HbpOptions().backend == "inductor"
+    monkeypatch.setenv("HBP_BACKEND", "eager")
+    assert HbpOptions().backend == "eager" and HbpOptions.from_mapping({"k": 2}).backend == "eager"
+    assert hbp_compile(torch.nn.Linear(2, 2)).hbp_options.backend == "eager"
+    assert HbpOptions(backend="inductor").backend == "inductor"  # an explicit choice wins
+    monkeypatch.setenv("HBP_BACKEND", "tvm")
+    with pytest.raises(ValueError, match=r"\$HBP_BACKEND"):
+        HbpOptions()
+
+
 def test_explain_report_text():
     report = explain(make(mlp_stack(3)), torch.randn(2, 3, dtype=torch.float64), k=1)
     assert report.num_layers == 3
