@@ -153,7 +153,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile-max-steps", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
     parser.add_argument("--write", metavar="SECTION", default=None,
                         help="write the table into docs/recurrence-study.md between this section's markers")
     args = parser.parse_args(argv)

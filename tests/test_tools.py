@@ -117,3 +117,14 @@ def test_trainer_example_trains_saves_and_reloads(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Highway-BP rewrote 4 residual layers" in out.stdout
     assert "reloaded weights equal the trained ones: True" in out.stdout
+
+
+def test_recurrence_study_prints_the_table_it_would_write(monkeypatch, capsys):
+    from benchmarks import rnn
+
+    monkeypatch.setenv("HBP_BACKEND", "eager")
+    rnn.main(["--cells", "gru", "--steps", "8", "--width", "4", "--batch", "2", "--k", "1", "--repeats", "1",
+              "--compile-max-steps", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.startswith("Written by `python -m benchmarks.rnn --cells gru --steps 8")
+    assert "| module | gru | 8 | HBP k=1 |" in out and "| module | gru | 8 | eager backprop |" in out
