@@ -40,6 +40,7 @@ def to_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) ->
     # make_fx records autograd's `detach`es of saved outputs and unused tuple items; drop them.
     aten.graph.eliminate_dead_code()
     fold_static_sizes(aten.graph)
+    cut_metadata_reads(aten.graph)
     draw_bernoulli_in_memory_order(aten.graph)
     merge_repeated_input_ops(aten.graph)
     aten.recompile()
@@ -83,6 +84,36 @@ def fold_static_sizes(graph: fx.Graph) -> int:
             graph.erase_node(node)
             folded += 1
     return folded
+
+
+_aten = torch.ops.aten
+_NEW_FILLED = {_aten.new_ones.default: 1, _aten.new_zeros.default: 0, _aten.new_full.default: None}
+
+
+def cut_metadata_reads(graph: fx.Graph) -> int:
+    """Replace ``x.new_ones(size)``-style ops, which read only ``x``'s dtype and device, by a ``full``
+    that reads nothing: in the data-flow graph they were descendants of ``x``, so a constant mask
+    built from a state (Funnel's ``cls_mask = pad(h.new_ones(...))``) looked like a layer's
+    intermediate read elsewhere, and cut the chain. Returns the number of nodes replaced."""
+    replaced = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _NEW_FILLED:
+            continue
+        source = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        out = node.meta.get("val")
+        if not isinstance(source, torch.Tensor) or not isinstance(out, torch.Tensor):
+            continue
+        size = node.args[1]
+        fill = _NEW_FILLED[node.target] if node.target is not _aten.new_full.default else node.args[2]
+        with graph.inserting_before(node):
+            full = graph.call_function(_aten.full.default, (size, fill),
+                                       {"dtype": out.dtype, "layout": out.layout, "device": out.device,
+                                        "pin_memory": False})
+        full.meta = dict(node.meta)
+        node.replace_all_uses_with(full)
+        graph.erase_node(node)
+        replaced += 1
+    return replaced
 
 
 def merge_repeated_input_ops(graph: fx.Graph) -> int:

@@ -94,3 +94,33 @@ def test_values_no_gradient_reaches_are_never_states():
     (chain,) = report.chains
     assert chain.num_layers == 3
     assert [layer.module_path for layer in chain.layers] == [f"blocks.{i}" for i in range(3)]
+
+
+class MaskFromStateMetadata(nn.Module):
+    """A constant mask built from h_0's dtype and shape (``h.new_ones``, as Funnel builds its
+    ``cls_mask``) and read by every layer: a side input, not a value of the first layer."""
+
+    def __init__(self, depth: int = 4, d: int = 6):
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.blocks = nn.ModuleList(LayoutBlock("plain", d) for _ in range(depth))
+
+    def forward(self, x):
+        h = self.inp(x)
+        mask = torch.nn.functional.pad(h.new_ones(h.shape[0], h.shape[1] - 1), (1, 0))
+        for block in self.blocks:
+            h = h + block.fc(block.ln(h)) * mask
+        return h.pow(2).mean()
+
+
+def test_a_mask_built_from_a_states_metadata_does_not_cut_the_chain():
+    torch.manual_seed(0)
+    model = MaskFromStateMetadata().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    model(x).backward()
+    want = _grads(model)
+    model.zero_grad()
+    compiled = hbp_compile(model, k=4, backend="eager")
+    compiled(x).backward()
+    assert compiled.hbp_report.num_layers == 4
+    assert max_relative_error(_grads(model), want) < 1e-10

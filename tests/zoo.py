@@ -144,9 +144,15 @@ ZOO: tuple[ZooModel, ...] = (
     ZooModel("roformer", hf("roformer", **TEXT, embedding_size=16), tokens(), 4),
     ZooModel("convbert", hf("convbert", **TEXT, embedding_size=16), tokens(), 4),
     ZooModel("funnel", hf("funnel", d_model=16, n_head=2, d_head=8, d_inner=32, block_sizes=[1, 1],
-                          vocab_size=VOCAB, cls="FunnelBaseModel"), tokens(), 5, found=2,
-             note="2 layers per block and the pooling, a K = 0 layer, between them; issue 16: only the "
-                  "second block is a chain so far (the first block's attention layer is not linked)"),
+                          vocab_size=VOCAB, cls="FunnelBaseModel"), tokens(), 5, found=4,
+             note="2 layers per block and the pooling between them; with pool_q_only (the default) the second "
+                  "block's attention reads the unpooled sequence as keys and values, a link that skips the "
+                  "pooling layer, so each block is a chain of its own (no chain of layers h_i = f(h_{i-1}) "
+                  "crosses it)"),
+    ZooModel("funnel, pool_q_only=False", hf("funnel", d_model=16, n_head=2, d_head=8, d_inner=32,
+                                             block_sizes=[1, 1], pool_q_only=False, vocab_size=VOCAB,
+                                             cls="FunnelBaseModel"), tokens(), 5,
+             note="the pooling is a K = 0 layer between the blocks"),
     # encoder-decoders: 2 layers per encoder block, 3 per decoder block (self-attn, cross-attn, MLP)
     _encoder_decoder("bart"),
     _encoder_decoder("mbart"),
