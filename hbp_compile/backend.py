@@ -90,6 +90,7 @@ class GraphRecord:
     exception: BaseException | None = field(default=None, repr=False)
     recurrences: tuple[Recurrence, ...] = ()
     aten_code: str = ""  # the aten graph before the rewrite edits it in place (kept for dumps)
+    dry_run_peak: int | None = None  # bytes, the compile-time training step's peak (measured for dumps)
 
     @property
     def num_layers(self) -> int:
@@ -211,7 +212,7 @@ class HbpBackend:
             if mismatch:
                 raise _StageFailed(Fallback.FORWARD_MISMATCH, mismatch)
         with _stage(Fallback.DRY_RUN_FAILED):
-            dry_run(record.rewritten, example_inputs)
+            record.dry_run_peak = dry_run(record.rewritten, example_inputs, measure_peak=bool(o.debug_dir))
 
     def _keep_the_chains_that_work(self, record: GraphRecord, gm: fx.GraphModule, to_capture: fx.GraphModule,
                                    example_inputs: Sequence[torch.Tensor], swapped: tuple[Recurrence, ...],

@@ -53,19 +53,55 @@ def _clones(inputs: Sequence[object]) -> list[object]:
             for a in inputs]
 
 
-def dry_run(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
+def dry_run(gm: fx.GraphModule, inputs: Sequence[object], *, measure_peak: bool = False) -> int | None:
     """One forward and backward of ``gm`` on clones of ``inputs`` (random state restored, cotangents
-    of ones, gradients discarded); the iteration counts it adds to ``hbp_iterations`` are reset."""
+    of ones, gradients discarded); the iteration counts it adds to ``hbp_iterations`` are reset.
+    ``measure_peak``: return the step's peak of allocated bytes (torch.profiler's memory timeline,
+    for the dumps), else None."""
     log = logging.getLogger("hbp_compile")
     was_disabled, log.disabled = log.disabled, True  # its iteration counts are not the training's
+    peak = None
     try:
-        _step(gm, inputs)
+        if measure_peak:
+            peak = _peak_bytes(lambda: _step(gm, inputs), _device_of(inputs))
+        else:
+            _step(gm, inputs)
     finally:
         log.disabled = was_disabled
     for module in gm.modules():
         usage = getattr(getattr(module, "program", None), "usage", None)
         if usage is not None:
             usage.reset()
+    return peak
+
+
+def _device_of(inputs: Sequence[object]) -> str:
+    devices = {str(t.device) for t in inputs if isinstance(t, torch.Tensor)}
+    return next((d for d in sorted(devices) if d != "cpu"), "cpu")
+
+
+def _peak_bytes(step: Callable[[], None], device: str) -> int | None:
+    """The most bytes allocated at once on ``device`` while ``step`` runs (None if unmeasurable)."""
+    import json
+    import os
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    try:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = os.path.join(tmp, "timeline.json")
+            prof.export_memory_timeline(path, device=device if device != "cuda" else "cuda:0")
+            with open(path) as f:
+                _, sizes = json.load(f)
+    except Exception:  # noqa: BLE001 - a measurement for the dumps must never break training
+        return None
+    return int(max((sum(s) for s in sizes), default=0)) or None
 
 
 def _step(gm: fx.GraphModule, inputs: Sequence[object]) -> None:

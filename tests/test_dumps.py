@@ -14,7 +14,7 @@ from hbp_compile import hbp_compile
 from .models import make, mlp_stack
 
 EXPECTED = {"dynamo_graph.py", "aten_graph.py", "rewritten_graph.py", "report.txt", "report.json",
-            "chain0_group0_layer.py", "chain0_group0_split.py", "chain0_group0_batched_vjp.py"}
+            "chain0_group0_layer.py", "chain0_group0_split.py", "chain0_group0_batched_vjp.py", "memory.txt"}
 
 
 def test_debug_dir_receives_every_dump(tmp_path):
@@ -30,6 +30,26 @@ def test_debug_dir_receives_every_dump(tmp_path):
     assert "hbp_chain_0" not in (graph_dir / "aten_graph.py").read_text()
     vjp = (graph_dir / "chain0_group0_batched_vjp.py").read_text()
     assert "bmm" in vjp or "mm" in vjp  # one batched matmul per weight, not one per layer
+    memory = (graph_dir / "memory.txt").read_text()
+    assert memory.startswith("compile-time training step: peak ")
+    for category in ("states", "activations", "weights", "iteration", "gradients", "the rest of the peak"):
+        assert category in memory
+
+
+def test_backward_memory_counts_the_stacked_weights_and_their_gradients():
+    """What the last backward held: the weights of the 3 layers stacked once, their gradients, the 4
+    states; float64, width 4, hidden 8, batch 3."""
+    from hbp_compile.engine.highway import ChainModule
+
+    model = make(mlp_stack(3, d=4, hidden=8))
+    compiled = hbp_compile(model, k=1, backend="eager")
+    compiled(torch.randn(3, 3, dtype=torch.float64)).backward()
+    (chain,) = [m for m in compiled.hbp_backend.records[0].rewritten.modules() if isinstance(m, ChainModule)]
+    memory = chain.program.memory
+    layer_params = sum(p.numel() for p in model.layers[0].parameters()) * 8
+    # fc1's and fc2's weights stacked over the 3 layers, and the vectors the backward reads (LN's weight)
+    assert 3 * (8 * 4 + 4 * 8) * 8 <= memory.weights <= memory.gradients
+    assert memory.gradients == 3 * layer_params and memory.states == 4 * 3 * 4 * 8
 
 
 def test_environment_variable_and_fallback_reason(tmp_path, monkeypatch):

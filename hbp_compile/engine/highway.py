@@ -25,6 +25,7 @@ from ..detect.model import ResidualKind
 from .batched import BatchedGroup
 from .iterate import refuse_double_backward, run_iterations
 from .layout import gather, scatter_add_
+from .memory import nbytes
 from .program import ChainProgram
 from .saved import SavedGroup, SavedLayer
 from .scans import ResidualScan
@@ -97,12 +98,20 @@ class HighwayChain(torch.autograd.Function):
                 dx = b.side_output_cotangents(grad_side_outputs, offsets)
                 if dx is not None:
                     scatter_add_(a, b.prog.inputs, dx)
+            memory = program.memory  # the program is frozen; its ledger is refilled by each backward
+            memory.clear()
+            memory.states = nbytes(states)
+            for b in batched:
+                activations, weights = b.held_bytes(sides)
+                memory.activations += activations
+                memory.weights += weights
             w = _highway_iterations(program, batched, a)
             for b in batched:
                 b.release_iteration_graph()
             grads: list[torch.Tensor | None] = [None] * len(sides)
             for b in batched:
                 for g, where in b.side_grads(gather(w, b.prog.outputs)):
+                    memory.gradients += nbytes([g])
                     if isinstance(where, tuple):
                         # one copy into the parameters' own layout for the whole stack: AccumulateGrad
                         # then takes each layer's slice as it is instead of cloning it
@@ -203,6 +212,8 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], 
     w, used = run_iterations([scan(ar) for scan, ar in zip(scans, a)], step,
                              max_iterations=min(program.k, program.num_layers), tol=program.tol)
     program.usage.record(used)
+    program.memory.iteration = nbytes([*a, *v, *(t for pair in buffers for t in pair), *residual_k.values(),
+                                       *(t for scan in scans for t in scan.held())])
     return w
 
 

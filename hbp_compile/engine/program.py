@@ -16,6 +16,7 @@ import torch.fx as fx
 from ..compile import GraphKernel, compile_function, without_inductor_conv_bug
 from ..detect.model import Chain, ResidualKind
 from .iterate import IterationUsage
+from .memory import BackwardMemory
 from .layer_graphs import differentiable_side_outputs, layer_graph, random_nodes, split_layer_graph
 from .layout import Plan, StateRuns
 from .saved import SavedLayer, partition_split_layer
@@ -130,6 +131,7 @@ class ChainProgram:
     backend: str = "eager"
     tol: float = 0.0  # > 0: k="auto", stop when the relative change of w falls to tol (engine/iterate.py)
     usage: IterationUsage = field(default_factory=IterationUsage, compare=False, repr=False)
+    memory: BackwardMemory = field(default_factory=BackwardMemory, compare=False, repr=False)  # the last backward's
 
     @property
     def identity_residual(self) -> bool:

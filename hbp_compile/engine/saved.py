@@ -22,6 +22,7 @@ import torch.fx as fx
 from .._torch_compat import FakeTensorMode, default_partition, make_fx, outside_dynamo_tracing
 from ..compile import GraphKernel
 from ..detect.model import ResidualKind
+from .memory import nbytes
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,15 @@ class SavedGroup:
         self.side_cotangents: list[torch.Tensor] = []
         self.zero_side_cotangents = [like.new_zeros((len(prog.layers), *shape), dtype=dtype)
                                      for shape, dtype in saved.tangents[1:]]
+
+    def held_bytes(self, sides: Sequence[torch.Tensor]) -> tuple[int, int]:
+        """(activations, weights): bytes of the stacked saved values, the stacked copies of per-layer
+        parameters among them counted as weights (a value laid out as its layers' parameters, stacked)."""
+        stacked_shapes = {(len(self.prog.layers), *sides[idx[0]].shape) for _, idx in self.prog.stacked}
+        weights = [v for v in self.values if tuple(v.shape) in stacked_shapes and v.dtype in {s.dtype for s in sides}
+                   and not any(v.data_ptr() == s.data_ptr() for s in sides)]
+        weight_bytes = nbytes(weights)
+        return nbytes(self.values) - weight_bytes, weight_bytes
 
     def _grads(self, wanted: tuple[int, ...], cotangent: torch.Tensor, *, sides: bool = False) -> tuple:
         """Gradients of inputs ``wanted`` for ``cotangent`` on y, and on the side outputs either their

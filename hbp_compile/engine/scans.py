@@ -73,6 +73,10 @@ class ResidualScan:
             offset *= 2
         return w
 
+    def held(self) -> list[torch.Tensor]:
+        """The tensors the scan keeps between calls: its K and, off the native path, the products."""
+        return [t for t in [self.k, *(self._products or [])] if isinstance(t, torch.Tensor)]
+
     def _dense_k(self, c: torch.Tensor) -> torch.Tensor | float | None:
         if isinstance(self.k, torch.Tensor) and (self.k.shape != c[1:].shape or not self.k.is_contiguous()):
             self.k = self.k.expand_as(c[1:]).contiguous()

@@ -9,6 +9,10 @@ Per captured graph ``N``, in ``<dir>/graph_N/``:
 * ``chain{C}_group{G}_layer.py`` / ``_split.py`` / ``_batched_vjp.py``: a group's layer graph (the
   forward runs it once per layer), its split graph ``(x_r, x_g, ...) -> y``, and the batched VJP the
   backward runs (``make_fx`` of ``vjp(vmap(split))`` on fake tensors: the ops of one iteration);
+* ``memory.txt``: the compile-time training step's peak of allocated bytes, and what each chain's
+  Highway-BP backward held at the end of its iterations by category (states, activations, stacked
+  weights, iteration buffers, gradients; ``engine/memory.py``); the rest of the peak is the
+  temporaries of the batched VJP calls and the graph's other values;
 * ``rewritten_graph.svg`` when pydot is installed.
 
 Each file is also emitted as a structured-trace artifact, so ``TORCH_TRACE=dir`` + ``tlparse`` show them.
@@ -114,6 +118,26 @@ def _group_files(record: "GraphRecord") -> dict[str, str]:
     return files
 
 
+def memory_text(record: "GraphRecord") -> str:
+    """The ``memory.txt`` dump: the measured peak and each chain's categories (engine/memory.py)."""
+    lines = []
+    if record.dry_run_peak is not None:
+        lines.append(f"compile-time training step: peak {record.dry_run_peak / 2 ** 20:.2f} MiB allocated "
+                     "(torch.profiler memory timeline)")
+    held = 0
+    for c, (_, module) in enumerate(_chain_calls(record.rewritten) if record.rewritten is not None else []):
+        memory = module.program.memory
+        held += memory.total
+        lines.append(f"chain {c} ({module.program.num_layers} layers): held by its backward at the end of the "
+                     "iterations")
+        lines += [f"  {line}" for line in memory.lines()]
+        lines.append(f"  {'total':<12}{memory.total / 2 ** 20:6.2f} MiB")
+    if record.dry_run_peak is not None and held:
+        lines.append(f"the rest of the peak (temporaries of the batched VJP calls, the graph's other values): "
+                     f"{(record.dry_run_peak - held) / 2 ** 20:.2f} MiB")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def _svg(record: "GraphRecord") -> dict[str, bytes]:
     try:
         from torch.fx.passes.graph_drawer import FxGraphDrawer
@@ -144,6 +168,9 @@ def write_dumps(record: "GraphRecord", options: HbpOptions) -> Path:
     if record.rewritten is not None:
         files["rewritten_graph.py"] = _readable(record.rewritten)
     files.update(_group_files(record))
+    memory = memory_text(record)
+    if memory:
+        files["memory.txt"] = memory
     for name, text in files.items():
         (directory / name).write_text(text)
         trace_artifact(f"hbp_graph{record.index}_{name}", text)
