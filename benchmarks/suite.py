@@ -305,6 +305,37 @@ def rows_from_markdown(text: str) -> list[Row]:
     return rows
 
 
+def merge_tables(old: str, new: str, command: str) -> str:
+    r"""``old``'s section with the workload tables of ``new`` put in place of (or after) the ones of
+    the same name, and a line saying which tables ``command`` rewrote (``--only`` reruns).
+
+    >>> old = "Measured by A.\n\n### w1\n\nt1\n\n### w2\n\nt2\n"
+    >>> print(merge_tables(old, "Measured by B.\n\n### w2\n\nt2'\n", "python -m benchmarks --only w2"))
+    Measured by A.
+    <BLANKLINE>
+    Rewritten since by `python -m benchmarks --only w2` (Measured by B.): w2.
+    <BLANKLINE>
+    ### w1
+    <BLANKLINE>
+    t1
+    <BLANKLINE>
+    ### w2
+    <BLANKLINE>
+    t2'
+    <BLANKLINE>
+    """
+    def split(text: str) -> tuple[str, dict[str, str]]:
+        head, *blocks = re.split(r"^(?=### )", text, flags=re.M)
+        return head.strip("\n"), {b.splitlines()[0][4:].strip(): b.strip("\n") for b in blocks}
+
+    old_head, old_tables = split(old)
+    new_head, new_tables = split(new)
+    old_head = "\n\n".join(p for p in old_head.split("\n\n") if not p.startswith("Rewritten since by"))
+    tables = {**old_tables, **new_tables}
+    note = f"Rewritten since by `{command}` ({new_head.split('. ')[0].rstrip('.')}): {', '.join(new_tables)}."
+    return "\n\n".join([old_head, note, *tables.values()]) + "\n"
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -399,7 +430,13 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(rows, selected, args.device, args.repeats, args.interleaved)
     print(text)
     if not args.no_write:
-        write_section(ROOT / "docs" / "benchmarks.md", text, "suite-interleaved" if args.interleaved else "suite")
+        marker = "suite-interleaved" if args.interleaved else "suite"
+        if args.only:  # the other workloads keep the tables of the run that wrote them
+            page = (ROOT / "docs" / "benchmarks.md").read_text()
+            old = page[page.index(f"<!-- {marker}:begin -->") + len(f"<!-- {marker}:begin -->"):
+                       page.index(f"<!-- {marker}:end -->")]
+            text = merge_tables(old.strip("\n"), text, f"python -m benchmarks {' '.join(argv or sys.argv[1:])}")
+        write_section(ROOT / "docs" / "benchmarks.md", text, marker)
         if not args.interleaved:  # the plots show the process-per-method run
             for path in plots(rows, selected, ROOT / "docs" / "img"):
                 print(f"plot: {path.relative_to(ROOT)}")

@@ -12,8 +12,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.suite import (Row, markdown, measure, measure_interleaved, rows_from_markdown, run_one,  # noqa: E402
-                              write_section)
+from benchmarks.suite import (Row, markdown, measure, measure_interleaved, merge_tables,  # noqa: E402
+                              rows_from_markdown, run_one, write_section)
 from benchmarks.workloads import Workload, workloads  # noqa: E402
 from hbp_compile import hbp_compile  # noqa: E402
 
@@ -23,6 +23,17 @@ def test_write_section_replaces_only_between_its_markers(tmp_path):
     doc.write_text("intro\n<!-- suite:begin -->\nold\n<!-- suite:end -->\noutro\n")
     write_section(doc, "new table")
     assert doc.read_text() == "intro\n<!-- suite:begin -->\nnew table\n<!-- suite:end -->\noutro\n"
+
+
+def test_a_rerun_of_some_workloads_replaces_only_their_tables():
+    w1, w2 = workloads()[:2]
+    first = markdown([Row(w.name, "eager backprop", None, 0.01, 0.1, 10.0, 1.0) for w in (w1, w2)], [w1, w2], "cpu", 5)
+    rerun = markdown([Row(w2.name, "eager backprop", None, 0.02, 0.1, 10.0, 1.0)], [w2], "cpu", 5)
+    merged = merge_tables(first, rerun, "python -m benchmarks --only d=512")
+    assert [r.step_s for r in rows_from_markdown(merged)] == [0.01, 0.02]
+    assert "Rewritten since by `python -m benchmarks --only d=512` (Measured by" in merged and merged.count("###") == 2
+    again = merge_tables(merged, rerun, "python -m benchmarks --only d=512")
+    assert again.count("Rewritten since by") == 1  # the latest rerun's line replaces the previous one
 
 
 def test_markdown_reports_ratios_to_eager_backprop_and_failures():
