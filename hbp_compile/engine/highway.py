@@ -192,11 +192,13 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], 
     scans = _run_scans(program, batched)
     residual_k = {id(b): b.residual_jacobian().detach() for b in batched} if gamma else {}
     a = [ar.contiguous() for ar in a]
-    v = [torch.empty_like(ar) for ar in a]
-    # iterate j+1 is written while iterate j is read: two buffers per run, taken in turns
+    # Two buffers per run, taken in turns: iteration j reads w^j from one and gathers the block VJPs
+    # v into the other, then scans that one in place into w^{j+1} (the scan reads each row of v
+    # before it writes it). No separate v, and w^0 starts in a buffer.
     buffers = [[torch.empty_like(ar), torch.empty_like(ar)] for ar in a]
 
     def step(w: list) -> list:
+        v = [pair[0] if pair[0] is not wr else pair[1] for wr, pair in zip(w, buffers)]
         for vr in v:
             vr.zero_()
         for b in batched:
@@ -206,13 +208,12 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], 
                 # γ-split: the γ·K part of the residual moves into the block (HIGHWAY_BP.md §1).
                 vb = vb + gamma * residual_k[id(b)] * cot
             scatter_add_(v, b.prog.inputs, vb)
-        return [scan(ar, vr, out=pair[0] if pair[0] is not wr else pair[1])
-                for scan, ar, vr, wr, pair in zip(scans, a, v, w, buffers)]
+        return [scan(ar, vr, out=vr) for scan, ar, vr in zip(scans, a, v)]
 
-    w, used = run_iterations([scan(ar) for scan, ar in zip(scans, a)], step,
+    w, used = run_iterations([scan(ar, out=pair[1]) for scan, ar, pair in zip(scans, a, buffers)], step,
                              max_iterations=min(program.k, program.num_layers), tol=program.tol)
     program.usage.record(used)
-    program.memory.iteration = nbytes([*a, *v, *(t for pair in buffers for t in pair), *residual_k.values(),
+    program.memory.iteration = nbytes([*a, *(t for pair in buffers for t in pair), *residual_k.values(),
                                        *(t for scan in scans for t in scan.held())])
     return w
 
