@@ -313,7 +313,7 @@ def merge_tables(old: str, new: str, command: str) -> str:
     >>> print(merge_tables(old, "Measured by B.\n\n### w2\n\nt2'\n", "python -m benchmarks --only w2"))
     Measured by A.
     <BLANKLINE>
-    Rewritten since by `python -m benchmarks --only w2` (Measured by B.): w2.
+    Rewritten since by `python -m benchmarks --only w2` (Measured by B): w2.
     <BLANKLINE>
     ### w1
     <BLANKLINE>
@@ -330,7 +330,12 @@ def merge_tables(old: str, new: str, command: str) -> str:
 
     old_head, old_tables = split(old)
     new_head, new_tables = split(new)
-    old_head = "\n\n".join(p for p in old_head.split("\n\n") if not p.startswith("Rewritten since by"))
+
+    def superseded(paragraph: str) -> bool:  # an earlier rerun's line, all of whose tables are rewritten now
+        return paragraph.startswith("Rewritten since by") and set(
+            paragraph.rsplit("): ", 1)[-1].rstrip(".").split(", ")) <= set(new_tables)
+
+    old_head = "\n\n".join(p for p in old_head.split("\n\n") if not superseded(p))
     tables = {**old_tables, **new_tables}
     note = f"Rewritten since by `{command}` ({new_head.split('. ')[0].rstrip('.')}): {', '.join(new_tables)}."
     return "\n\n".join([old_head, note, *tables.values()]) + "\n"

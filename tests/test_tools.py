@@ -33,7 +33,10 @@ def test_a_rerun_of_some_workloads_replaces_only_their_tables():
     assert [r.step_s for r in rows_from_markdown(merged)] == [0.01, 0.02]
     assert "Rewritten since by `python -m benchmarks --only d=512` (Measured by" in merged and merged.count("###") == 2
     again = merge_tables(merged, rerun, "python -m benchmarks --only d=512")
-    assert again.count("Rewritten since by") == 1  # the latest rerun's line replaces the previous one
+    assert again.count("Rewritten since by") == 1  # a rerun of the same tables replaces the line
+    other = merge_tables(merged, markdown([Row(w1.name, "eager backprop", None, 0.03, 0.1, 10.0, 1.0)], [w1], "cpu", 5),
+                         "python -m benchmarks --only L=64")
+    assert other.count("Rewritten since by") == 2 and [r.step_s for r in rows_from_markdown(other)] == [0.03, 0.02]
 
 
 def test_markdown_reports_ratios_to_eager_backprop_and_failures():
