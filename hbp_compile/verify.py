@@ -56,16 +56,18 @@ def _clones(inputs: Sequence[object]) -> list[object]:
 def dry_run(gm: fx.GraphModule, inputs: Sequence[object], *, measure_peak: bool = False) -> int | None:
     """One forward and backward of ``gm`` on clones of ``inputs`` (random state restored, cotangents
     of ones, gradients discarded); the iteration counts it adds to ``hbp_iterations`` are reset.
-    ``measure_peak``: return the step's peak of allocated bytes (torch.profiler's memory timeline,
-    for the dumps), else None."""
+    ``measure_peak``: take a second step and return its peak of allocated bytes (torch.profiler's
+    memory timeline, for the dumps), else None."""
     log = logging.getLogger("hbp_compile")
     was_disabled, log.disabled = log.disabled, True  # its iteration counts are not the training's
     peak = None
     try:
+        _step(gm, inputs)
         if measure_peak:
-            peak = _peak_bytes(lambda: _step(gm, inputs), _device_of(inputs))
-        else:
-            _step(gm, inputs)
+            # a second step, its inputs cloned beforehand: the first one compiled kernels, and neither
+            # compilation nor the clones of the parameters belong in a training step's peak
+            args = _clones(inputs)
+            peak = _peak_bytes(lambda: _step(gm, inputs, args), _device_of(inputs))
     finally:
         log.disabled = was_disabled
     for module in gm.modules():
@@ -104,9 +106,9 @@ def _peak_bytes(step: Callable[[], None], device: str) -> int | None:
     return int(max((sum(s) for s in sizes), default=0)) or None
 
 
-def _step(gm: fx.GraphModule, inputs: Sequence[object]) -> None:
+def _step(gm: fx.GraphModule, inputs: Sequence[object], args: Sequence[object] | None = None) -> None:
     with torch.random.fork_rng(devices=_rng_devices(inputs)):
-        args = _clones(inputs)
+        args = _clones(inputs) if args is None else args
         with torch.enable_grad():
             outs = [o for o in pytree.tree_leaves(gm(*args))
                     if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()]
