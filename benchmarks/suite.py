@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from hbp_compile import hbp_compile
+from hbp_compile.verify import peak_bytes
 
 from .kernels import count_step_kernels, enable_kernel_events
 from .workloads import Workload, workloads
@@ -98,16 +98,7 @@ def _peak_memory(fn, model, workload: Workload, batch: tuple, device: str) -> fl
         base = torch.cuda.memory_allocated()
         _step(fn, model, workload, batch, device)
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        _step(fn, model, workload, batch, device)
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = os.path.join(tmp, "timeline.json")
-        prof.export_memory_timeline(path, device="cpu")
-        _, sizes = json.loads(Path(path).read_text())
-    return float(max(sum(s) for s in sizes))
+    return float(peak_bytes(lambda: _step(fn, model, workload, batch, device), device) or float("nan"))
 
 
 @dataclass

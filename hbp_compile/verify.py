@@ -67,7 +67,7 @@ def dry_run(gm: fx.GraphModule, inputs: Sequence[object], *, measure_peak: bool 
             # a second step, its inputs cloned beforehand: the first one compiled kernels, and neither
             # compilation nor the clones of the parameters belong in a training step's peak
             args = _clones(inputs)
-            peak = _peak_bytes(lambda: _step(gm, inputs, args), _device_of(inputs))
+            peak = peak_bytes(lambda: _step(gm, inputs, args), _device_of(inputs))
     finally:
         log.disabled = was_disabled
     for module in gm.modules():
@@ -82,8 +82,9 @@ def _device_of(inputs: Sequence[object]) -> str:
     return next((d for d in sorted(devices) if d != "cpu"), "cpu")
 
 
-def _peak_bytes(step: Callable[[], None], device: str) -> int | None:
-    """The most bytes allocated at once on ``device`` while ``step`` runs (None if unmeasurable)."""
+def peak_bytes(step: Callable[[], None], device: str) -> int | None:
+    """The most bytes allocated at once on ``device`` while ``step`` runs, from torch.profiler's
+    memory timeline (None if unmeasurable). The dumps and the benchmark suite measure with it."""
     import json
     import os
     import tempfile
