@@ -185,9 +185,11 @@ class SavedGroup:
     def held_bytes(self, sides: Sequence[torch.Tensor]) -> tuple[int, int]:
         """(activations, weights): bytes of the stacked saved values, the stacked copies of per-layer
         parameters among them counted as weights (a value laid out as its layers' parameters, stacked)."""
-        stacked_shapes = {(len(self.prog.layers), *sides[idx[0]].shape) for _, idx in self.prog.stacked}
-        weights = [v for v in self.values if tuple(v.shape) in stacked_shapes and v.dtype in {s.dtype for s in sides}
-                   and not any(v.data_ptr() == s.data_ptr() for s in sides)]
+        # runs on every backward: the sets are built once per call, not once per saved value
+        stacked = [sides[idx[0]] for _, idx in self.prog.stacked]
+        shapes = {(len(self.prog.layers), *s.shape) for s in stacked}
+        dtypes = {s.dtype for s in stacked}
+        weights = [v for v in self.values if tuple(v.shape) in shapes and v.dtype in dtypes]
         weight_bytes = nbytes(weights)
         return nbytes(self.values) - weight_bytes, weight_bytes
 
