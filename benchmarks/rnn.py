@@ -8,7 +8,8 @@ docs/recurrence-study.md with this run's, headed by the command that wrote it.
 
 Sources: ``module`` is ``nn.GRU``/``nn.LSTM``; ``cell-loop`` a Python loop over ``nn.GRUCell``/
 ``nn.LSTMCell`` (dynamo unrolls it: capture time grows with T); ``scan`` the GRU cell inside
-``torch._higher_order_ops.scan`` (GRU only: an LSTM carry is a pair).
+``torch._higher_order_ops.scan`` (GRU only: an LSTM carry is a pair); ``by-hand`` the cell's
+equations written out in the loop (the general chain engine; the LSTM's (c, h) pair packed).
 
 Per cell and sequence length T it prints the median training-step time (forward + backward) of
 eager backprop, torch.compile backprop (T <= --compile-max-steps: Inductor unrolls the loop), the
@@ -85,7 +86,34 @@ class ScanModel(nn.Module):
         return self.head(outputs).pow(2).mean()
 
 
-MODELS = {"module": SequenceModel, "cell-loop": CellLoopModel, "scan": ScanModel}
+class ByHandModel(nn.Module):
+    """The cell's equations written out in a Python loop (PyTorch's gate layout, no cell module)."""
+
+    def __init__(self, cell: str, width: int):
+        super().__init__()
+        self.lstm = cell == "lstm"
+        gates = 4 if self.lstm else 3
+        self.ih, self.hh = nn.Linear(width, gates * width), nn.Linear(width, gates * width)
+        self.head = nn.Linear(width, width)
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.shape[1], self.hh.in_features)
+        outputs = []
+        for x_t in x:
+            gi, gh = self.ih(x_t), self.hh(h)
+            if self.lstm:
+                i, f, g, o = (gi + gh).chunk(4, -1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+            else:
+                (i_r, i_z, i_n), (h_r, h_z, h_n) = gi.chunk(3, -1), gh.chunk(3, -1)
+                r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+                h = z * h + (1 - z) * torch.tanh(i_n + r * h_n)
+            outputs.append(h)
+        return self.head(torch.stack(outputs)).pow(2).mean()
+
+
+MODELS = {"module": SequenceModel, "cell-loop": CellLoopModel, "scan": ScanModel, "by-hand": ByHandModel}
 
 
 def _sync(device: str) -> None:

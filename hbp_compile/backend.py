@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from .capture import mark_requires_grad, to_aten_graph
 from .compile import compile_rewritten
-from .detect import Detection, find_residual_chains
+from .detect import Detection, find_residual_chains, find_state_pairs, pack_state_pairs
 from .inspect.dumps import write_dumps
 from .options import HbpOptions
 from .recurrent.cell_loops import CELL_CALLS, swap_cell_loops
@@ -189,7 +189,15 @@ class HbpBackend:
             record.recurrences = swapped + rewrite_scans(record.aten_graph, k=o.max_iterations, gamma=o.gamma,
                                                          backend=o.backend, tol=o.stop_tol)
         with _stage(Fallback.DETECTION_FAILED):
-            record.detection = find_residual_chains(record.aten_graph.graph, min_layers=o.min_layers)
+            graph = record.aten_graph.graph
+            record.detection = find_residual_chains(graph, min_layers=o.min_layers)
+            # recurrences with a pair of states (an LSTM by hand) outside the chains found: pack
+            # each pair into one state, and detect again
+            claimed = {n for chain in record.detection.chains for layer in chain.layers for n in (layer.x, *layer.nodes)}
+            pair_runs = find_state_pairs(graph, claimed=claimed, min_steps=o.min_layers)
+            if pair_runs:
+                pack_state_pairs(record.aten_graph, pair_runs)
+                record.detection = find_residual_chains(graph, min_layers=o.min_layers)
 
     def _rewrite_and_rehearse(self, record: GraphRecord, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                               keep: Sequence[int] | None = None) -> None:

@@ -67,7 +67,8 @@ def highway_reference_grads(model, x, k: int, gamma: float = 0.0) -> dict[str, t
         w = new
     for i, layer in enumerate(model.layers, start=1):
         layer(states[i - 1]).backward(w[i])
-    h0.backward(w[0])
+    if h0.requires_grad:  # a zero start state (an RNN's) carries no gradient
+        h0.backward(w[0])
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 

@@ -16,6 +16,7 @@ import torch.fx as fx
 from .kinds import classify_residual
 from .model import Chain, Group, Layer
 from .ops import is_light, is_mutating, is_random, is_replayable_random, is_sink, module_path, tensor_meta
+from .pairs import packed_segments
 from .segments import Segment, find_residual_segments, interval
 
 log = logging.getLogger("hbp_compile.detect")
@@ -276,6 +277,7 @@ def find_residual_chains(graph: fx.Graph, *, min_layers: int = 2) -> Detection:
         ([4], ())
     """
     segments = find_residual_segments(graph)
+    segments.update(packed_segments(graph))
     notes: list[str] = []
     chains = []
     for run in _link_runs(_runs(segments, notes), graph):

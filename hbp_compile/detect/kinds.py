@@ -14,7 +14,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .model import ResidualKind
+from .model import PACKED_STATE_META_KEY, UNPACK_META_KEY, ResidualKind
 from .ops import CASTS, LAYOUT_OPS
 
 _aten = torch.ops.aten
@@ -91,6 +91,10 @@ def residual_expression(
         if node.target is operator.getitem and node.args[0] in layer_norms:
             env[node] = layer_norms[node.args[0]]
             continue
+        if UNPACK_META_KEY in node.meta or PACKED_STATE_META_KEY in node.meta:
+            # a packed (a, b) state (detect/pairs.py): the path reads a and writes a
+            env[node] = value(node.args[0] if UNPACK_META_KEY in node.meta else node.args[0][0])
+            continue
         args = [value(a) for a in node.args]
         rule = _closed_form(node)
         if rule is not None:
@@ -118,4 +122,7 @@ def classify_residual(x: fx.Node, residual: Sequence[fx.Node]) -> tuple[Residual
         kind = ResidualKind.SCALAR
     else:
         kind = ResidualKind.DIAGONAL
+    if PACKED_STATE_META_KEY in residual[-1].meta:
+        # K acts on the first component and is 0 on the second: diagonal whatever its first part
+        return (ResidualKind.ZERO if k == 0 else ResidualKind.DIAGONAL), f"r = [{expr}, z_b]; K = diag({k}, 0)"
     return kind, f"r = {expr}; K = {k}"
