@@ -147,8 +147,11 @@ class HandLSTM(nn.Module):
         return torch.tanh(self.head(states[-1][1])).pow(2).sum() + states[-1][0].square().sum()
 
 
-@pytest.mark.parametrize("k", [0, 1, 3, 100])
-@pytest.mark.parametrize("fused,taps,zero_start", [(True, True, False), (False, False, False), (True, True, True)])
+@pytest.mark.parametrize("k,fused,taps,zero_start", [
+    *((k, True, True, False) for k in (0, 1, 3, 100)),  # fused gates, every step's h read
+    (3, False, False, False), (100, False, False, False),  # a Linear per gate on cat([x, h]); last (h, c) read
+    (100, True, True, True),  # h = c = zeros(...): one value starts both components
+])
 def test_hand_written_lstm_is_one_chain_over_time_and_matches_theorem_2(k, fused, taps, zero_start):
     torch.manual_seed(0)
     steps = 10

@@ -249,7 +249,7 @@ def find_state_pairs(graph: fx.Graph, *, claimed: set[fx.Node], min_steps: int =
     chains detection found already). Pure analysis.
 
     >>> runs = find_state_pairs(aten_gm.graph, claimed=set())   # doctest: +SKIP
-    >>> [len(run) - 1 for run in runs]                          # steps per run
+    >>> [len(run) - 1 for run in runs]   # steps per run          # doctest: +SKIP
     [16]
     """
     search = _Search(graph, claimed)
