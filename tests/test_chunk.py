@@ -40,3 +40,21 @@ def test_chunks_of_shared_weights_add_up():
 def test_bad_chunk_is_rejected():
     with pytest.raises(ValueError, match="chunk must be an int >= 1"):
         hbp_compile(make(mlp_stack(2)), chunk=0)
+
+
+@pytest.mark.parametrize("k,chunk,per_call", [(2, None, 3), (100, None, 3), (100, 2, 2)])
+def test_weight_gradients_restacked_per_chunk_are_exact(monkeypatch, k, chunk, per_call):
+    """A stack whose saved values are mostly its stacked weights: the weight-gradient call frees
+    them and restacks each chunk of layers from the parameters; the gradients do not change."""
+    from hbp_compile.engine import saved
+
+    restacked = []
+    original = saved.SavedGroup._restacking_chunk
+    monkeypatch.setattr(saved.SavedGroup, "_restacking_chunk",
+                        lambda self: restacked.append(original(self)) or restacked[-1])
+    torch.manual_seed(0)
+    model = make(Stack([PreLNMLP(16, 32) for _ in range(12)], 3, 16, 2))  # 12 layers, batch 2
+    x = torch.randn(2, 3, dtype=torch.float64)
+    want = highway_reference_grads(model, x, k) if k < 12 else autograd_grads(model, x)[1]
+    assert max_relative_error(_grads(model, x, k=k, chunk=chunk), want) < 1e-9
+    assert restacked and restacked[-1] == per_call  # 12 layers: a quarter, or the chunk option

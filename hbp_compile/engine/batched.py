@@ -116,7 +116,8 @@ class BatchedGroup:
         if self.separate_weights:
             self._states_graph = None
 
-    def side_grads(self, cotangent: torch.Tensor) -> list[tuple[torch.Tensor, int | tuple[int, ...]]]:
+    def side_grads(self, cotangent: torch.Tensor, sides: Sequence[torch.Tensor] = ()
+                   ) -> list[tuple[torch.Tensor, int | tuple[int, ...]]]:
         if not self.grad_leaves:
             return []
         if self.separate_weights:

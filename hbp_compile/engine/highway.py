@@ -110,7 +110,7 @@ class HighwayChain(torch.autograd.Function):
                 b.release_iteration_graph()
             grads: list[torch.Tensor | None] = [None] * len(sides)
             for b in batched:
-                for g, where in b.side_grads(gather(w, b.prog.outputs)):
+                for g, where in b.side_grads(gather(w, b.prog.outputs), sides):
                     memory.gradients += nbytes([g])
                     if isinstance(where, tuple):
                         # one copy into the parameters' own layout for the whole stack: AccumulateGrad
@@ -161,7 +161,11 @@ def _group_backward(program: ChainProgram, group: int, states: Sequence[torch.Te
     part = prog.partition(states[first], [*example, *(draws[first][j] for j in range(prog.num_draws))],
                           need=(True, True, *need, *[False] * prog.num_draws))
     out = part.batched_forward(prog.in_dims())(xs, xs, *args, *replay)
-    return SavedGroup(prog, part, out[part.num_outputs:], sides_need_grad, like)
+    values = out[part.num_outputs:]
+    # saved values that are the stacked copy of per-layer parameters: the weight gradients' call can
+    # restack them a chunk at a time from the parameters instead (SavedGroup.side_grads)
+    restackable = {j: idx for p, idx in prog.stacked for j, v in enumerate(values) if v is args[p]}
+    return SavedGroup(prog, part, values, sides_need_grad, like, restackable)
 
 
 def _run_scans(program: ChainProgram, batched: Sequence[BatchedGroup]) -> list[ResidualScan]:

@@ -170,9 +170,12 @@ class SavedGroup:
     weight gradients (the interface ``engine/batched.py``'s ``BatchedGroup`` shares)."""
 
     def __init__(self, prog, saved: SavedLayer, values: Sequence[torch.Tensor],
-                 sides_need_grad: Sequence[bool], like: torch.Tensor):
+                 sides_need_grad: Sequence[bool], like: torch.Tensor,
+                 restackable: dict[int, tuple[int, ...]] | None = None):
         self.prog, self.saved = prog, saved
         self.values = list(values)  # each saved value of every layer, stacked
+        # values that are stacked copies of per-layer parameters: index -> the parameters' side indices
+        self.restackable = restackable or {}
         self.like = like  # a stacked state: shape, dtype and device of the group's cotangents
         self.leaves: list[tuple[int, int | tuple[int, ...]]] = [
             (p, idx) for p, idx in prog.stacked if any(sides_need_grad[i] for i in idx)
@@ -229,8 +232,49 @@ class SavedGroup:
     def release_iteration_graph(self) -> None:
         """Nothing to free: the kept values serve the weight gradients too."""
 
-    def side_grads(self, cotangent: torch.Tensor) -> list[tuple[torch.Tensor, int | tuple[int, ...]]]:
+    def side_grads(self, cotangent: torch.Tensor, sides: Sequence[torch.Tensor] = ()
+                   ) -> list[tuple[torch.Tensor, int | tuple[int, ...]]]:
+        """The weight and side-input gradients: ``(stacked gradient, its sides)`` or ``(gradient, side)``.
+
+        The last call of a backward, so the stacked weight copies can go first: where they weigh more
+        than the other saved values (a deep stack of MLPs), the call runs over chunks of layers, each
+        restacking its own layers' parameters. The peak then holds the gradients and one chunk of
+        weights instead of the gradients and every weight twice."""
         if not self.leaves:
             return []
-        grads = self._grads(tuple(2 + p for p, _ in self.leaves), cotangent, sides=True)
-        return [(g, where) for g, (_, where) in zip(grads, self.leaves) if g is not None]
+        wanted = tuple(2 + p for p, _ in self.leaves)
+        chunk = self._restacking_chunk()
+        if chunk is None or not sides:
+            grads = self._grads(wanted, cotangent, sides=True)
+            return [(g, where) for g, (_, where) in zip(grads, self.leaves) if g is not None]
+        for j in self.restackable:
+            self.values[j] = None  # type: ignore[call-overload]  # freed: restacked per chunk below
+        kernel = self.saved.batched_backward(wanted, self.broadcast)
+        found: list[tuple[torch.Tensor, int | tuple[int, ...]]] = []
+        summed: dict[int, torch.Tensor] = {}
+        for start in range(0, len(self.prog.layers), chunk):
+            part = slice(start, start + chunk)
+            values = [torch.stack([sides[i] for i in self.restackable[j][part]]).detach() if v is None else v[part]
+                      for j, v in enumerate(self.values)]
+            grads = kernel(*values, cotangent[part], *(c[part] for c in self.side_cotangents))
+            for n, (g, (p, where)) in enumerate(zip(grads, self.leaves)):
+                if g is None:
+                    continue
+                if p in self.broadcast:  # one tensor for the group: its chunks' gradients add up
+                    summed[n] = g if n not in summed else summed[n] + g
+                else:
+                    found.append((g, where[part]))
+        return found + [(g, self.leaves[n][1]) for n, g in summed.items()]
+
+    def _restacking_chunk(self) -> int | None:
+        """Layers per chunk of the weight-gradient call when restacking pays (see ``side_grads``): the
+        stacked weights outweigh the other saved values. A divisor of the group's size, so that every
+        chunk has one shape (one compiled kernel)."""
+        layers = len(self.prog.layers)
+        if not self.restackable or layers < 4:
+            return None
+        weights = nbytes(self.values[j] for j in self.restackable)
+        if 2 * weights < nbytes(self.values):
+            return None
+        wanted = self.saved.chunk or max(1, layers // 4)
+        return max(c for c in range(1, wanted + 1) if layers % c == 0)
