@@ -196,25 +196,34 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], 
     scans = _run_scans(program, batched)
     residual_k = {id(b): b.residual_jacobian().detach() for b in batched} if gamma else {}
     a = [ar.contiguous() for ar in a]
-    # Two buffers per run, taken in turns: iteration j reads w^j from one and gathers the block VJPs
-    # v into the other, then scans that one in place into w^{j+1} (the scan reads each row of v
-    # before it writes it). No separate v, and w^0 starts in a buffer.
-    buffers = [[torch.empty_like(ar), torch.empty_like(ar)] for ar in a]
+    # A fixed k needs one buffer per run: every group's block VJPs v are taken from w^j first, then
+    # gathered into w^j's own buffer and scanned there in place into w^{j+1} (the scan reads each row
+    # of v before it writes it). k="auto" compares w^{j+1} with w^j, so it keeps two buffers, taken in
+    # turns. No separate v, and w^0 starts in a buffer.
+    in_place = program.tol == 0
+    buffers = [[torch.empty_like(ar)] if in_place else [torch.empty_like(ar), torch.empty_like(ar)] for ar in a]
+
+    def block_vjp(b, w: list) -> torch.Tensor:
+        cot = gather(w, b.prog.outputs)
+        vb = b.block_vjp(cot)
+        if gamma and b.prog.kind is not ResidualKind.ZERO:
+            # γ-split: the γ·K part of the residual moves into the block (HIGHWAY_BP.md §1).
+            vb = vb + gamma * residual_k[id(b)] * cot
+        return vb
 
     def step(w: list) -> list:
-        v = [pair[0] if pair[0] is not wr else pair[1] for wr, pair in zip(w, buffers)]
+        if in_place:
+            vbs = [block_vjp(b, w) for b in batched]  # all of them before w^j's buffer is overwritten
+            v = w
+        else:
+            v = [pair[0] if pair[0] is not wr else pair[1] for wr, pair in zip(w, buffers)]
         for vr in v:
             vr.zero_()
-        for b in batched:
-            cot = gather(w, b.prog.outputs)
-            vb = b.block_vjp(cot)
-            if gamma and b.prog.kind is not ResidualKind.ZERO:
-                # γ-split: the γ·K part of the residual moves into the block (HIGHWAY_BP.md §1).
-                vb = vb + gamma * residual_k[id(b)] * cot
-            scatter_add_(v, b.prog.inputs, vb)
+        for b in batched:  # two buffers: one group's VJPs exist at a time
+            scatter_add_(v, b.prog.inputs, vbs.pop(0) if in_place else block_vjp(b, w))
         return [scan(ar, vr, out=vr) for scan, ar, vr in zip(scans, a, v)]
 
-    w, used = run_iterations([scan(ar, out=pair[1]) for scan, ar, pair in zip(scans, a, buffers)], step,
+    w, used = run_iterations([scan(ar, out=pair[-1]) for scan, ar, pair in zip(scans, a, buffers)], step,
                              max_iterations=min(program.k, program.num_layers), tol=program.tol)
     program.usage.record(used)
     program.memory.iteration = nbytes([*a, *(t for pair in buffers for t in pair), *residual_k.values(),

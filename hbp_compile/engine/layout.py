@@ -54,13 +54,25 @@ class StateRuns:
         return [states[first].new_zeros((last - first + 1, *states[first].shape)) for first, last in self.runs]
 
 
+def _rows(t: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
+    """``t[offsets]``: a view when the offsets are consecutive (a group's layers in a row, the usual
+    case), so an iteration reads its cotangents without a state-stack-sized copy."""
+    if all(b == a + 1 for a, b in zip(offsets, offsets[1:])):
+        return t[offsets[0]: offsets[-1] + 1]
+    return t[list(offsets)]
+
+
 def gather(per_run: Sequence[torch.Tensor], plan: Plan) -> torch.Tensor:
-    pieces = [per_run[r][list(offsets)] for r, offsets in plan]
+    """The rows of ``plan``, in order (a view where they are one slice of one run)."""
+    pieces = [_rows(per_run[r], offsets) for r, offsets in plan]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def scatter_add_(per_run: Sequence[torch.Tensor], plan: Plan, values: torch.Tensor) -> None:
     start = 0
     for r, offsets in plan:
-        per_run[r][list(offsets)] += values[start: start + len(offsets)]
+        if all(b == a + 1 for a, b in zip(offsets, offsets[1:])):
+            per_run[r][offsets[0]: offsets[-1] + 1] += values[start: start + len(offsets)]  # in place
+        else:
+            per_run[r][list(offsets)] += values[start: start + len(offsets)]
         start += len(offsets)
