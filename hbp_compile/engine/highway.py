@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 from ..detect.model import ResidualKind
 from .batched import BatchedGroup
 from .iterate import refuse_double_backward, run_iterations
-from .layout import gather, scatter_add_
+from .layout import CotangentRows, gather, scatter_add_
 from .memory import nbytes
 from .program import ChainProgram
 from .saved import SavedGroup, SavedLayer
@@ -84,11 +84,10 @@ class HighwayChain(torch.autograd.Function):
         kept = _split_counts(saved[first_kept:], ctx.kept_counts)
         sides_need_grad = ctx.needs_input_grad[2:]
         runs = program.state_runs
-        a = runs.zeros(states)
+        a = CotangentRows(runs)
         for state, g in [(n, grad_out), *zip(program.taps, grad_rest)]:
             if g is not None:
-                r, offset = runs.locate(state)
-                a[r][offset] += g
+                a.add(state, g)
         grad_side_outputs = grad_rest[len(program.taps):]
         with torch.enable_grad():
             batched = [_group_backward(program, gi, states, sides, sides_need_grad, draws, kept, ctx.partitions)
@@ -97,7 +96,7 @@ class HighwayChain(torch.autograd.Function):
             for b in batched:
                 dx = b.side_output_cotangents(grad_side_outputs, offsets)
                 if dx is not None:
-                    scatter_add_(a, b.prog.inputs, dx)
+                    a.scatter_add(b.prog.inputs, dx)
             memory = program.memory  # the program is frozen; its ledger is refilled by each backward
             memory.clear()
             memory.states = nbytes(states)
@@ -105,7 +104,7 @@ class HighwayChain(torch.autograd.Function):
                 activations, weights = b.held_bytes(sides)
                 memory.activations += activations
                 memory.weights += weights
-            w = _highway_iterations(program, batched, a)
+            w = _highway_iterations(program, batched, a, states)
             for b in batched:
                 b.release_iteration_graph()
             grads: list[torch.Tensor | None] = [None] * len(sides)
@@ -190,18 +189,20 @@ def _run_scans(program: ChainProgram, batched: Sequence[BatchedGroup]) -> list[R
     ]
 
 
-def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], a: list) -> list:
-    """``w^k`` for every state, one stacked tensor per run (HIGHWAY_BP.md §3-4)."""
+def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], a: CotangentRows,
+                        states: Sequence[torch.Tensor]) -> list:
+    """``w^k`` for every state, one stacked tensor per run (HIGHWAY_BP.md §3-4). ``a`` is added into
+    each iteration's buffer before its scan (the scan's ``c``)."""
     gamma = program.gamma
     scans = _run_scans(program, batched)
     residual_k = {id(b): b.residual_jacobian().detach() for b in batched} if gamma else {}
-    a = [ar.contiguous() for ar in a]
     # A fixed k needs one buffer per run: every group's block VJPs v are taken from w^j first, then
     # gathered into w^j's own buffer and scanned there in place into w^{j+1} (the scan reads each row
     # of v before it writes it). k="auto" compares w^{j+1} with w^j, so it keeps two buffers, taken in
     # turns. No separate v, and w^0 starts in a buffer.
     in_place = program.tol == 0
-    buffers = [[torch.empty_like(ar)] if in_place else [torch.empty_like(ar), torch.empty_like(ar)] for ar in a]
+    buffers = [[states[first].new_empty((last - first + 1, *states[first].shape)) for _ in range(1 if in_place else 2)]
+               for first, last in program.state_runs.runs]
 
     def block_vjp(b, w: list) -> torch.Tensor:
         cot = gather(w, b.prog.outputs)
@@ -219,14 +220,17 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], 
             v = [pair[0] if pair[0] is not wr else pair[1] for wr, pair in zip(w, buffers)]
         for vr in v:
             vr.zero_()
+        a.add_into(v)
         for b in batched:  # two buffers: one group's VJPs exist at a time
             scatter_add_(v, b.prog.inputs, vbs.pop(0) if in_place else block_vjp(b, w))
-        return [scan(ar, vr, out=vr) for scan, ar, vr in zip(scans, a, v)]
+        return [scan(vr, out=vr) for scan, vr in zip(scans, v)]
 
-    w, used = run_iterations([scan(ar, out=pair[-1]) for scan, ar, pair in zip(scans, a, buffers)], step,
+    first = [pair[-1].zero_() for pair in buffers]
+    a.add_into(first)
+    w, used = run_iterations([scan(vr, out=vr) for scan, vr in zip(scans, first)], step,
                              max_iterations=min(program.k, program.num_layers), tol=program.tol)
     program.usage.record(used)
-    program.memory.iteration = nbytes([*a, *(t for pair in buffers for t in pair), *residual_k.values(),
+    program.memory.iteration = nbytes([*a.held(), *(t for pair in buffers for t in pair), *residual_k.values(),
                                        *(t for scan in scans for t in scan.held())])
     return w
 

@@ -76,3 +76,64 @@ def scatter_add_(per_run: Sequence[torch.Tensor], plan: Plan, values: torch.Tens
         else:
             per_run[r][list(offsets)] += values[start: start + len(offsets)]
         start += len(offsets)
+
+
+class CotangentRows:
+    """``a``, the cotangents the outside gives the states, kept as the rows that are not zero: the
+    last state's and the taps' (the side outputs' gradients add the rows of their layers). Most chains
+    are read at their end only, and a dense ``(L+1, …)`` stack of zeros would cost one state stack of
+    memory through every iteration.
+
+    >>> runs = StateRuns(((0, 3),))
+    >>> a = CotangentRows(runs)
+    >>> a.add(3, torch.ones(2)); a.add(1, torch.ones(2))
+    >>> w = [torch.zeros(4, 2)]; a.add_into(w); w[0][:, 0]
+    tensor([0., 1., 0., 1.])
+    """
+
+    def __init__(self, runs: StateRuns):
+        self.runs = runs
+        self._rows: list[dict[int, torch.Tensor]] = [{} for _ in runs.runs]
+        self._frozen: list[tuple[torch.Tensor | slice, torch.Tensor]] | None = None
+
+    def add(self, state: int, g: torch.Tensor) -> None:
+        r, offset = self.runs.locate(state)
+        rows = self._rows[r]
+        rows[offset] = g.clone() if offset not in rows else rows[offset] + g
+
+    def scatter_add(self, plan: Plan, values: torch.Tensor) -> None:
+        """Add ``values`` (one row per state of ``plan``, as ``scatter_add_`` takes them)."""
+        start = 0
+        for r, offsets in plan:
+            for offset, row in zip(offsets, values[start: start + len(offsets)]):
+                first, _ = self.runs.runs[r]
+                self.add(first + offset, row)
+            start += len(offsets)
+
+    def _stacked(self) -> list[list[tuple[torch.Tensor | slice, torch.Tensor]]]:
+        if self._frozen is None:
+            frozen = []
+            for rows in self._rows:
+                offsets = sorted(rows)
+                if not offsets:
+                    frozen.append([])
+                    continue
+                values = torch.stack([rows[o] for o in offsets])
+                index: torch.Tensor | slice = (
+                    slice(offsets[0], offsets[-1] + 1) if offsets[-1] - offsets[0] == len(offsets) - 1
+                    else torch.tensor(offsets, device=values.device))
+                frozen.append([(index, values)])
+            self._frozen, self._rows = frozen, []  # the per-row tensors are now in the stacks
+        return self._frozen
+
+    def add_into(self, per_run: Sequence[torch.Tensor]) -> None:
+        """``per_run[r][rows] += a[r][rows]`` for every run."""
+        for target, pieces in zip(per_run, self._stacked()):
+            for index, values in pieces:
+                if isinstance(index, slice):
+                    target[index] += values
+                else:
+                    target.index_add_(0, index, values)
+
+    def held(self) -> list[torch.Tensor]:
+        return [values for pieces in self._stacked() for _, values in pieces]

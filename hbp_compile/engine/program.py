@@ -155,6 +155,28 @@ class ChainProgram:
         return out
 
 
+AUTO_CHUNK_STATE_BYTES = 2 ** 20
+
+
+def automatic_chunk(state: fx.Node, layers: int) -> int | None:
+    """Layers per batched VJP call when the user chose none: as many as keep the call's input states
+    within ``AUTO_CHUNK_STATE_BYTES`` (1 MiB), all of them when they fit. A call's temporaries are a
+    few times its states: large layers (a ResNet's 0.5 MiB feature maps) gain nothing from being
+    batched more widely, since each one is already compute-bound, and their temporaries would
+    dominate the peak; small ones (an MLP stack's) are overhead-bound and stay in one call.
+
+    >>> g = torch.fx.Graph(); x = g.placeholder("x"); x.meta["val"] = torch.empty(16, 32, 16, 16)
+    >>> automatic_chunk(x, 8), automatic_chunk(x, 1)
+    (2, None)
+    """
+    value = state.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return None
+    per_layer = value.numel() * value.element_size()
+    chunk = max(1, AUTO_CHUNK_STATE_BYTES // max(per_layer, 1))
+    return chunk if chunk < layers else None
+
+
 def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma: float,
                   backend: str = "eager", recompute: bool = True, tol: float = 0.0,
                   chunk: int | None = None) -> ChainProgram:
@@ -183,7 +205,7 @@ def build_program(chain: Chain, side_nodes: Sequence[fx.Node], *, k: int, gamma:
                 outputs=state_runs.plan([p + 1 for p in group.layers]),
                 backend=backend,
                 recompute=recompute,
-                chunk=chunk,
+                chunk=chunk if chunk is not None else automatic_chunk(template.x, len(group.layers)),
             )
         )
     return ChainProgram(
