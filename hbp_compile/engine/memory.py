@@ -7,13 +7,16 @@ Recorded by every backward (the compile-time training step included) on its ``Ch
   per backward or kept from the forward), stacked over each group's layers;
 * ``weights``: the stacked copies of per-layer parameters among those values (vmap needs the
   layers' weights as one tensor);
-* ``iteration``: the iterates, their two buffers, ``a`` and ``v`` and the residual Jacobians;
+* ``iteration``: the iterates' buffer (two with ``k="auto"``), the nonzero rows of ``a`` and the
+  residual Jacobians;
 * ``gradients``: the stacked weight and side-input gradients of the last call (the ``.grad`` the
   parameters receive).
 
-All of these are alive together at the end of the iterations. What else the peak holds (the
-temporaries inside one batched VJP call, the rest of the graph's values) is the difference to a
-measured peak, which the dumps give when they can measure one.
+The first four are alive together at the end of the iterations; the gradients come after, in the
+last call, which frees the stacked weights first where it restacks them a chunk at a time
+(``SavedGroup.side_grads``). What else the peak holds (the temporaries inside one batched VJP call,
+the rest of the graph's values) is the difference to a measured peak, which the dumps give when they
+can measure one.
 """
 from __future__ import annotations
 

@@ -165,6 +165,9 @@ def _views_for_view_copies(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+RESTACK_MIN_BYTES = 2 ** 20  # stacked weights below this are kept through the weight-gradient call
+
+
 class SavedGroup:
     """A group's backward from its stacked saved values: residual Jacobian, block VJP, side-output and
     weight gradients (the interface ``engine/batched.py``'s ``BatchedGroup`` shares)."""
@@ -268,13 +271,16 @@ class SavedGroup:
 
     def _restacking_chunk(self) -> int | None:
         """Layers per chunk of the weight-gradient call when restacking pays (see ``side_grads``): the
-        stacked weights outweigh the other saved values. A divisor of the group's size, so that every
-        chunk has one shape (one compiled kernel)."""
+        stacked weights outweigh the other saved values and weigh ``RESTACK_MIN_BYTES`` or more (below
+        that, the extra calls cost more than the memory is worth). About a quarter of the group, or
+        the ``chunk`` option; a divisor of the group's size, so that every chunk has one shape (one
+        compiled kernel)."""
         layers = len(self.prog.layers)
-        if not self.restackable or layers < 4:
+        if not self.restackable or layers < 2:
             return None
         weights = nbytes(self.values[j] for j in self.restackable)
-        if 2 * weights < nbytes(self.values):
+        if weights < RESTACK_MIN_BYTES or 2 * weights < nbytes(self.values):
             return None
-        wanted = self.saved.chunk or max(1, layers // 4)
-        return max(c for c in range(1, wanted + 1) if layers % c == 0)
+        wanted = self.saved.chunk or -(-layers // 4)
+        chunk = min(c for c in range(wanted, layers + 1) if layers % c == 0)
+        return chunk if chunk < layers else None

@@ -128,13 +128,15 @@ def memory_text(record: "GraphRecord") -> str:
     for c, (_, module) in enumerate(_chain_calls(record.rewritten) if record.rewritten is not None else []):
         memory = module.program.memory
         held += memory.total
-        lines.append(f"chain {c} ({module.program.num_layers} layers): held by its backward at the end of the "
-                     "iterations")
+        lines.append(f"chain {c} ({module.program.num_layers} layers): held by its backward, by category")
         lines += [f"  {line}" for line in memory.lines()]
         lines.append(f"  {'total':<12}{memory.total / 2 ** 20:6.2f} MiB")
     if record.dry_run_peak is not None and held:
+        rest = record.dry_run_peak - held
         lines.append(f"the rest of the peak (temporaries of the batched VJP calls, the graph's other values): "
-                     f"{(record.dry_run_peak - held) / 2 ** 20:.2f} MiB")
+                     f"{rest / 2 ** 20:.2f} MiB" if rest >= 0 else
+                     "the rest of the peak: none (the categories add up to more: not all of them are alive at "
+                     "once, weights restacked per chunk are freed before the gradients are made)")
     return "\n".join(lines) + "\n" if lines else ""
 
 
