@@ -166,6 +166,7 @@ def _views_for_view_copies(gm: fx.GraphModule) -> None:
 
 
 RESTACK_MIN_BYTES = 2 ** 20  # stacked weights below this are kept through the weight-gradient call
+RESTACK_CHUNKS = 4  # calls the weight-gradient call is split into when it restacks
 
 
 class SavedGroup:
@@ -250,14 +251,16 @@ class SavedGroup:
         if chunk is None or not sides:
             grads = self._grads(wanted, cotangent, sides=True)
             return [(g, where) for g, (_, where) in zip(grads, self.leaves) if g is not None]
-        for j in self.restackable:
+        restacked = {j: idx for j, idx in self.restackable.items()  # the large ones; small ones are sliced
+                     if nbytes([self.values[j]]) * 8 >= nbytes(self.values[i] for i in self.restackable)}
+        for j in restacked:
             self.values[j] = None  # type: ignore[call-overload]  # freed: restacked per chunk below
         kernel = self.saved.batched_backward(wanted, self.broadcast)
         found: list[tuple[torch.Tensor, int | tuple[int, ...]]] = []
         summed: dict[int, torch.Tensor] = {}
         for start in range(0, len(self.prog.layers), chunk):
             part = slice(start, start + chunk)
-            values = [torch.stack([sides[i] for i in self.restackable[j][part]]).detach() if v is None else v[part]
+            values = [torch.stack([sides[i] for i in restacked[j][part]]).detach() if v is None else v[part]
                       for j, v in enumerate(self.values)]
             grads = kernel(*values, cotangent[part], *(c[part] for c in self.side_cotangents))
             for n, (g, (p, where)) in enumerate(zip(grads, self.leaves)):
@@ -281,6 +284,6 @@ class SavedGroup:
         weights = nbytes(self.values[j] for j in self.restackable)
         if weights < RESTACK_MIN_BYTES or 2 * weights < nbytes(self.values):
             return None
-        wanted = self.saved.chunk or -(-layers // 4)
+        wanted = self.saved.chunk or -(-layers // RESTACK_CHUNKS)
         chunk = min(c for c in range(wanted, layers + 1) if layers % c == 0)
         return chunk if chunk < layers else None
