@@ -74,8 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     lines = [f"Written by `python -m benchmarks.memory --repeats {args.repeats} --write` on {platform.machine()} "
              f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, float32, Inductor. "
-             "`chunk=None` is the default (automatic: as many layers per call as keep its input states "
-             "within 1 MiB; every layer of the stack, 2 of the ResNet's).", ""]
+             "`chunk=None` is the default (automatic: convolution blocks take as many layers per call as "
+             "keep its input states within 1 MiB, 2 of the ResNet's; other blocks all of them).", ""]
     for workload in workloads():
         if workload.name.startswith(WORKLOADS):
             lines += measure(workload, args.repeats)

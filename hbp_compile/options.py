@@ -27,9 +27,9 @@ class HbpOptions:
       block intermediates in one batched forward per group in the backward (memory like activation
       checkpointing); ``False`` keeps them from the forward (memory like backprop, no extra forward).
     * ``min_layers``: shortest chain worth rewriting.
-    * ``chunk``: layers per call of a group's batched VJPs in the backward. ``None``: automatic, as
-      many as keep one call's input states within 1 MiB (all of a group's layers when they are
-      small). Smaller chunks lower the backward's peak memory (the VJP's temporaries exist for one
+    * ``chunk``: layers per call of a group's batched VJPs in the backward. ``None``: automatic:
+      convolution blocks take as many layers as keep one call's input states within 1 MiB, other
+      blocks all of a group's layers at once. Smaller chunks lower the backward's peak memory (the VJP's temporaries exist for one
       chunk of layers at a time) for more, smaller kernel calls; gradients are the same.
     * ``debug_dir``: where dumps go (default: ``$HBP_DEBUG_DIR``).
     * ``strict``: raise instead of falling back to exact backprop when a graph cannot be rewritten
