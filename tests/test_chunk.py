@@ -59,3 +59,37 @@ def test_weight_gradients_restacked_per_chunk_are_exact(monkeypatch, k, chunk, p
     want = highway_reference_grads(model, x, k) if k < 12 else autograd_grads(model, x)[1]
     assert max_relative_error(_grads(model, x, k=k, chunk=chunk), want) < 1e-9
     assert restacked and restacked[-1] == per_call  # 12 layers: a quarter, or the chunk option
+
+
+class _ConvBlock(torch.nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+@pytest.mark.parametrize("k", [1, 100])
+def test_convolution_blocks_are_chunked_automatically_and_stay_exact(monkeypatch, k):
+    """chunk=None: convolution blocks take as many layers per call as keep the call's states within
+    the budget (here lowered so that a small model is chunked); the gradients are the unchunked ones."""
+    from hbp_compile.engine import program
+
+    monkeypatch.setattr(program, "AUTO_CHUNK_STATE_BYTES", 2 * 4 * 6 * 6 * 8 * 2)  # two layers' states
+    chosen = []
+    original = program.automatic_chunk
+    monkeypatch.setattr(program, "automatic_chunk", lambda *a: chosen.append(original(*a)) or chosen[-1])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_ConvBlock(4) for _ in range(6)]).double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+
+    def grads(**options):
+        model.zero_grad()
+        hbp_compile(model, k=k, backend="eager", **options)(x).square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want = grads(chunk=6)  # one call: every layer of the group
+    assert max_relative_error(grads(), want) < 1e-12
+    assert chosen[-1] == 2
