@@ -4,7 +4,7 @@
 64-layer pre-LN stack and 8-block ResNet) with eager backprop and Highway-BP k=3 (Inductor) at
 several chunk sizes. Peak: the bytes a training step allocates beyond what was live before it
 (torch.profiler's CPU memory timeline, as the suite measures it). Time: the methods interleaved in
-one process, median of ``--repeats`` steps. ``--write`` puts the table into docs/benchmarks.md
+one process, in a shuffled order every round, median of ``--repeats`` steps. ``--write`` puts the table into docs/benchmarks.md
 between ``<!-- memory:begin -->`` and ``<!-- memory:end -->``.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import random
 import statistics
 import time
 import warnings
@@ -50,8 +51,10 @@ def measure(workload, repeats: int) -> list[str]:
         step(label)
         step(label)
     times: dict[str, list[float]] = {label: [] for label in methods}
+    order, shuffle = list(methods), random.Random(0).shuffle
     for _ in range(repeats):
-        for label in methods:
+        shuffle(order)  # a fixed order biased the later methods by a few percent (one's cache, the other's)
+        for label in order:
             times[label].append(step(label))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
