@@ -15,7 +15,8 @@ import torch.fx as fx
 
 from .kinds import classify_residual
 from .model import Chain, Group, Layer
-from .ops import is_light, is_mutating, is_random, is_replayable_random, is_sink, module_path, tensor_meta
+from .ops import (descendants, describe_value, is_light, is_mutating, is_random, is_replayable_random, is_sink,
+                  module_path, tensor_meta)
 from .pairs import packed_segments
 from .segments import Segment, find_residual_segments, interval
 
@@ -79,11 +80,6 @@ def _externals(seg: Segment) -> tuple[fx.Node, ...]:
     return tuple(found)
 
 
-def _describe(node: fx.Node) -> str:
-    val = tensor_meta(node)
-    return f"{tuple(val.shape)}:{val.dtype}" if val is not None else type(node.meta.get("val")).__name__
-
-
 def _side_outputs(seg: Segment) -> tuple[fx.Node, ...]:
     inside = set(seg.nodes)
     return tuple(n for n in seg.nodes if n is not seg.y and any(u not in inside for u in n.users))
@@ -94,10 +90,10 @@ def _signature(seg: Segment, externals: tuple[fx.Node, ...]) -> str:
     local = {n: f"%{i}" for i, n in enumerate(seg.nodes)}
     local[seg.x] = "x"
     local.update({e: f"${i}" for i, e in enumerate(externals)})
-    parts = [f"x:{_describe(seg.x)}"] + [f"${i}:{_describe(e)}" for i, e in enumerate(externals)]
+    parts = [f"x:{describe_value(seg.x)}"] + [f"${i}:{describe_value(e)}" for i, e in enumerate(externals)]
     for node in seg.nodes:
         args = fx.node.map_arg((node.args, node.kwargs), lambda n: local[n])
-        parts.append(f"{node.target}{args}->{_describe(node)}")
+        parts.append(f"{node.target}{args}->{describe_value(node)}")
     parts.append(f"side outputs: {[local[n] for n in _side_outputs(seg)]}")
     return "\n".join(parts)
 
@@ -113,17 +109,6 @@ def _common_module_path(nodes: Iterable[fx.Node]) -> str:
             i += 1
         common = common[:i]
     return ".".join(common)
-
-
-def descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
 
 
 def _why_unsafe(seg: Segment, produced_by_chain: set[fx.Node]) -> str | None:

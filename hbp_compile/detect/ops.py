@@ -169,6 +169,25 @@ def tensor_meta(node: fx.Node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
+def describe_value(node: fx.Node) -> str:
+    """``(shape):dtype`` of the node's tensor, or the type of its value: the part of a node a
+    structural signature compares (layers, steps of a recurrence)."""
+    val = tensor_meta(node)
+    return f"{tuple(val.shape)}:{val.dtype}" if val is not None else type(node.meta.get("val")).__name__
+
+
+def descendants(*nodes: fx.Node) -> set[fx.Node]:
+    """Every value computed from any of ``nodes`` (not the nodes themselves, unless one reads another)."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
 def same_tensor_type(a: fx.Node, b: fx.Node) -> bool:
     """Same shape and dtype: the states of one run of a chain must agree on both."""
     ta, tb = tensor_meta(a), tensor_meta(b)

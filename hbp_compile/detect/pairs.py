@@ -26,7 +26,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .model import PACKED_STATE_META_KEY, UNPACK_META_KEY
-from .ops import is_layout, is_light, residual_successors, same_tensor_type, tensor_meta
+from .ops import (descendants, describe_value, is_layout, is_light, residual_successors, same_tensor_type,
+                  tensor_meta)
 from .segments import (Segment, differentiable_values, feeds_only_sinks, interval, keeps_element_positions,
                        residual_path)
 
@@ -156,7 +157,7 @@ class _Produced:
 
     def __call__(self) -> set[fx.Node]:
         if self.found is None:
-            self.found = _descendants(self.first.nodes)
+            self.found = descendants(*self.first.nodes)
         return self.found
 
 
@@ -171,15 +172,6 @@ def _closure(starts, step, keep) -> set[fx.Node]:
     return seen
 
 
-def _descendants(nodes) -> set[fx.Node]:
-    return _closure(nodes, lambda n: n.users, lambda n: True)
-
-
-def _describe(node: fx.Node) -> str:
-    val = tensor_meta(node)
-    return f"{tuple(val.shape)}:{val.dtype}" if val is not None else type(node.meta.get("val")).__name__
-
-
 def _signature(p: StatePair, q: StatePair, nodes: set[fx.Node], order: dict[fx.Node, int]) -> str:
     """The step's structure: ops, argument structure, shapes; not node identities."""
     ordered = sorted(nodes, key=order.__getitem__)
@@ -190,9 +182,9 @@ def _signature(p: StatePair, q: StatePair, nodes: set[fx.Node], order: dict[fx.N
     def name(n: fx.Node) -> str:
         if n in local:
             return local[n]
-        return externals.setdefault(n, f"${len(externals)}:{_describe(n)}")
+        return externals.setdefault(n, f"${len(externals)}:{describe_value(n)}")
 
-    parts = [f"{node.target}{fx.node.map_arg((node.args, node.kwargs), name)}->{_describe(node)}" for node in ordered]
+    parts = [f"{node.target}{fx.node.map_arg((node.args, node.kwargs), name)}->{describe_value(node)}" for node in ordered]
     parts.append(f"out: {local[q.a]} {local[q.b]}")
     return "\n".join(parts)
 

@@ -15,7 +15,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..detect.chain import descendants
+from ..detect.ops import descendants
 from ..detect.ops import module_path
 from ..graph_order import stable_topological_sort
 from .op import recurrence  # noqa: F401  (registers torch.ops.hbp.recurrence)
