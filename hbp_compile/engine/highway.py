@@ -213,16 +213,14 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], 
         return vb
 
     def step(w: list) -> list:
-        if in_place:
-            vbs = [block_vjp(b, w) for b in batched]  # all of them before w^j's buffer is overwritten
-            v = w
-        else:
-            v = [pair[0] if pair[0] is not wr else pair[1] for wr, pair in zip(w, buffers)]
+        # in place: every VJP before w^j's buffer is overwritten; with two buffers one group's at a time
+        pending = [block_vjp(b, w) for b in batched] if in_place else None
+        v = w if in_place else [pair[0] if pair[0] is not wr else pair[1] for wr, pair in zip(w, buffers)]
         for vr in v:
             vr.zero_()
         a.add_into(v)
-        for b in batched:  # two buffers: one group's VJPs exist at a time
-            scatter_add_(v, b.prog.inputs, vbs.pop(0) if in_place else block_vjp(b, w))
+        for b in batched:
+            scatter_add_(v, b.prog.inputs, pending.pop(0) if pending is not None else block_vjp(b, w))
         return [scan(vr, out=vr) for scan, vr in zip(scans, v)]
 
     first = [pair[-1].zero_() for pair in buffers]

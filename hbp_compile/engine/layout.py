@@ -54,27 +54,25 @@ class StateRuns:
         return [states[first].new_zeros((last - first + 1, *states[first].shape)) for first, last in self.runs]
 
 
-def _rows(t: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
-    """``t[offsets]``: a view when the offsets are consecutive (a group's layers in a row, the usual
-    case), so an iteration reads its cotangents without a state-stack-sized copy."""
+def _index(offsets: Sequence[int]) -> slice | list[int]:
+    """Rows ``offsets`` (ascending) as a slice when they are consecutive (a group's layers in a row,
+    the usual case): indexing then gives a view, and ``+=`` adds in place, with no state-stack-sized
+    copy per iteration."""
     if all(b == a + 1 for a, b in zip(offsets, offsets[1:])):
-        return t[offsets[0]: offsets[-1] + 1]
-    return t[list(offsets)]
+        return slice(offsets[0], offsets[-1] + 1)
+    return list(offsets)
 
 
 def gather(per_run: Sequence[torch.Tensor], plan: Plan) -> torch.Tensor:
     """The rows of ``plan``, in order (a view where they are one slice of one run)."""
-    pieces = [_rows(per_run[r], offsets) for r, offsets in plan]
+    pieces = [per_run[r][_index(offsets)] for r, offsets in plan]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def scatter_add_(per_run: Sequence[torch.Tensor], plan: Plan, values: torch.Tensor) -> None:
     start = 0
     for r, offsets in plan:
-        if all(b == a + 1 for a, b in zip(offsets, offsets[1:])):
-            per_run[r][offsets[0]: offsets[-1] + 1] += values[start: start + len(offsets)]  # in place
-        else:
-            per_run[r][list(offsets)] += values[start: start + len(offsets)]
+        per_run[r][_index(offsets)] += values[start: start + len(offsets)]
         start += len(offsets)
 
 
@@ -94,7 +92,8 @@ class CotangentRows:
     def __init__(self, runs: StateRuns):
         self.runs = runs
         self._rows: list[dict[int, torch.Tensor]] = [{} for _ in runs.runs]
-        self._frozen: list[tuple[torch.Tensor | slice, torch.Tensor]] | None = None
+        # per run, once every row is in: (rows, their values stacked), or None when no row is
+        self._stacked: list[tuple[slice | list[int], torch.Tensor] | None] | None = None
 
     def add(self, state: int, g: torch.Tensor) -> None:
         r, offset = self.runs.locate(state)
@@ -105,35 +104,24 @@ class CotangentRows:
         """Add ``values`` (one row per state of ``plan``, as ``scatter_add_`` takes them)."""
         start = 0
         for r, offsets in plan:
+            first, _ = self.runs.runs[r]
             for offset, row in zip(offsets, values[start: start + len(offsets)]):
-                first, _ = self.runs.runs[r]
                 self.add(first + offset, row)
             start += len(offsets)
 
-    def _stacked(self) -> list[list[tuple[torch.Tensor | slice, torch.Tensor]]]:
-        if self._frozen is None:
-            frozen = []
-            for rows in self._rows:
-                offsets = sorted(rows)
-                if not offsets:
-                    frozen.append([])
-                    continue
-                values = torch.stack([rows[o] for o in offsets])
-                index: torch.Tensor | slice = (
-                    slice(offsets[0], offsets[-1] + 1) if offsets[-1] - offsets[0] == len(offsets) - 1
-                    else torch.tensor(offsets, device=values.device))
-                frozen.append([(index, values)])
-            self._frozen, self._rows = frozen, []  # the per-row tensors are now in the stacks
-        return self._frozen
+    def _freeze(self) -> list[tuple[slice | list[int], torch.Tensor] | None]:
+        if self._stacked is None:
+            self._stacked = [(_index(sorted(rows)), torch.stack([rows[o] for o in sorted(rows)])) if rows else None
+                             for rows in self._rows]
+            self._rows = []  # the per-row tensors are now in the stacks
+        return self._stacked
 
     def add_into(self, per_run: Sequence[torch.Tensor]) -> None:
         """``per_run[r][rows] += a[r][rows]`` for every run."""
-        for target, pieces in zip(per_run, self._stacked()):
-            for index, values in pieces:
-                if isinstance(index, slice):
-                    target[index] += values
-                else:
-                    target.index_add_(0, index, values)
+        for target, piece in zip(per_run, self._freeze()):
+            if piece is not None:
+                index, values = piece
+                target[index] += values
 
     def held(self) -> list[torch.Tensor]:
-        return [values for pieces in self._stacked() for _, values in pieces]
+        return [piece[1] for piece in self._freeze() if piece is not None]

@@ -243,7 +243,9 @@ class SavedGroup:
         The last call of a backward, so the stacked weight copies can go first: where they weigh more
         than the other saved values (a deep stack of MLPs), the call runs over chunks of layers, each
         restacking its own layers' parameters. The peak then holds the gradients and one chunk of
-        weights instead of the gradients and every weight twice."""
+        weights instead of the gradients and every weight. Unlike ``_in_chunks``, each chunk's
+        gradients are returned as they are (their slices become the parameters' ``.grad``): a full
+        buffer written chunk by chunk would hold one more chunk of gradients at the peak."""
         if not self.leaves:
             return []
         wanted = tuple(2 + p for p, _ in self.leaves)
@@ -251,8 +253,9 @@ class SavedGroup:
         if chunk is None or not sides:
             grads = self._grads(wanted, cotangent, sides=True)
             return [(g, where) for g, (_, where) in zip(grads, self.leaves) if g is not None]
+        weights = nbytes(self.values[j] for j in self.restackable)
         restacked = {j: idx for j, idx in self.restackable.items()  # the large ones; small ones are sliced
-                     if nbytes([self.values[j]]) * 8 >= nbytes(self.values[i] for i in self.restackable)}
+                     if nbytes([self.values[j]]) * 8 >= weights}
         for j in restacked:
             self.values[j] = None  # type: ignore[call-overload]  # freed: restacked per chunk below
         kernel = self.saved.batched_backward(wanted, self.broadcast)
