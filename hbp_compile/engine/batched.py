@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from ..detect.model import ResidualKind
+from .layout import StateStacks
 from .program import GroupProgram
 
 
@@ -23,7 +24,7 @@ class BatchedGroup:
     forward runs on first use: at k = 0 on identity residuals nothing needs it, and it is skipped.
     """
 
-    def __init__(self, prog: GroupProgram, states: Sequence[torch.Tensor], sides: Sequence[torch.Tensor],
+    def __init__(self, prog: GroupProgram, stacks: StateStacks, sides: Sequence[torch.Tensor],
                  sides_need_grad: Sequence[bool], draws: Sequence[Sequence[torch.Tensor]], *,
                  compiled: bool = True):
         self.prog = prog
@@ -33,7 +34,7 @@ class BatchedGroup:
         # grad through a synthetic base, which gave wrong weight gradients (a 1x1 conv's weight
         # read through two views). Eager autograd needs no copies.
         fresh = (lambda t: t.detach().clone()) if self.separate_weights else (lambda t: t.detach())
-        xs, args, need, self.replay = prog.stack_inputs(states, sides, sides_need_grad, draws)
+        xs, args, need, self.replay = prog.stack_inputs(stacks, sides, sides_need_grad, draws)
         self.x_r = fresh(xs).requires_grad_(prog.kind not in (ResidualKind.IDENTITY, ResidualKind.ZERO))
         self.x_g = xs.detach().requires_grad_()
         self.grad_leaves: list[tuple[torch.Tensor, int | tuple[int, ...]]] = []

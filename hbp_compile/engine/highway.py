@@ -24,11 +24,11 @@ from torch.autograd.function import once_differentiable
 from ..detect.model import ResidualKind
 from .batched import BatchedGroup
 from .iterate import refuse_double_backward, run_iterations
-from .layout import CotangentRows, gather, scatter_add_
+from .layout import CotangentRows, StateStacks, gather, row_index, scatter_add_
 from .memory import nbytes
 from .program import ChainProgram
 from .saved import SavedGroup, SavedLayer
-from .scans import ResidualScan
+from .scans import ResidualScan, mask_if_binary
 
 
 class HighwayChain(torch.autograd.Function):
@@ -36,25 +36,28 @@ class HighwayChain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, program: ChainProgram, h0: torch.Tensor, *sides: torch.Tensor):  # type: ignore[override]
-        states = [h0]
+        stacks = StateStacks(program.state_runs, program.num_layers)
+        x = stacks.append(0, h0)
         draws: list[torch.Tensor] = []  # what each layer's random ops drew, in layer order
         side_outputs: list[torch.Tensor] = []
         frozen: list[torch.Tensor] = []
         kept: list[tuple[torch.Tensor, ...]] = []  # per layer of a group that keeps its intermediates
         partitions: dict[int, SavedLayer] = {}
-        for group, side_idx in zip(program.layer_group, program.layer_sides):
+        for p, (group, side_idx) in enumerate(zip(program.layer_group, program.layer_sides)):
             prog = program.groups[group]
             externals = [sides[i] for i in side_idx]
             if prog.keeps_intermediates:
                 with torch.enable_grad():  # requires_grad of the externals decides what is saved
-                    part = partitions[group] = prog.partition(states[-1], externals)
-                out = part.run_forward()(states[-1], states[-1], *externals)
-                kept.append(tuple(out[part.num_outputs:]))
+                    part = partitions[group] = prog.partition(x, externals)
+                out = part.run_forward()(x, x, *externals)
+                values = out[part.num_outputs:]
                 out = out[0] if part.num_outputs == 1 else tuple(out[: part.num_outputs])
             else:
-                out = prog.run_layer(states[-1], *externals)
+                out = prog.run_layer(x, *externals)
             y, side, drawn = prog.unpack(out)
-            states.append(y)
+            x = stacks.append(p + 1, y)
+            if prog.keeps_intermediates:  # a saved output (a ReLU's) is read from the stack: no second copy
+                kept.append(tuple(x if v is y else v for v in values))
             draws.extend(drawn)
             side_outputs.extend(side)
             frozen.extend(v for v, d in zip(side, prog.side_differentiable) if not d)
@@ -63,9 +66,15 @@ class HighwayChain(torch.autograd.Function):
         ctx.num_draws = len(draws)
         ctx.kept_counts = [len(values) for values in kept]
         ctx.partitions = partitions
-        ctx.save_for_backward(*states, *sides, *draws, *(v for values in kept for v in values))
+        held = stacks.tensors()
+        ctx.num_held = len(held)
+        ctx.save_for_backward(*held, *sides, *draws, *(v for values in kept for v in values))
         ctx.mark_non_differentiable(*frozen)
-        return (states[-1], *(states[t] for t in program.taps), *side_outputs)
+        # taps are rows of a saved stack, returned detached: not views to autograd (a view output
+        # could not be modified in place), while an in-place change still bumps the stack's version
+        # and is reported by the backward, as for any saved output
+        return (stacks.last, *(stacks.state(t).detach() if t < program.num_layers else stacks.last
+                               for t in program.taps), *side_outputs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
@@ -77,10 +86,11 @@ class HighwayChain(torch.autograd.Function):
     def _backward(ctx, grad_out: torch.Tensor | None, *grad_rest: torch.Tensor | None):
         program: ChainProgram = ctx.program
         saved = ctx.saved_tensors
-        n = program.num_layers
-        states, sides = saved[: n + 1], saved[n + 1: n + 1 + ctx.num_sides]
-        first_kept = n + 1 + ctx.num_sides + ctx.num_draws
-        draws = program.split_draws(saved[n + 1 + ctx.num_sides: first_kept])
+        n, held = program.num_layers, ctx.num_held
+        stacks = StateStacks.restore(program.state_runs, n, saved[:held])
+        states, sides = stacks.states(), saved[held: held + ctx.num_sides]
+        first_kept = held + ctx.num_sides + ctx.num_draws
+        draws = program.split_draws(saved[held + ctx.num_sides: first_kept])
         kept = _split_counts(saved[first_kept:], ctx.kept_counts)
         sides_need_grad = ctx.needs_input_grad[2:]
         runs = program.state_runs
@@ -90,7 +100,7 @@ class HighwayChain(torch.autograd.Function):
                 a.add(state, g)
         grad_side_outputs = grad_rest[len(program.taps):]
         with torch.enable_grad():
-            batched = [_group_backward(program, gi, states, sides, sides_need_grad, draws, kept, ctx.partitions)
+            batched = [_group_backward(program, gi, stacks, sides, sides_need_grad, draws, kept, ctx.partitions)
                        for gi in range(len(program.groups))]
             offsets = program.side_offsets()
             for b in batched:
@@ -134,7 +144,7 @@ def _split_counts(flat: Sequence[torch.Tensor], counts: Sequence[int]) -> list[t
     return out
 
 
-def _group_backward(program: ChainProgram, group: int, states: Sequence[torch.Tensor],
+def _group_backward(program: ChainProgram, group: int, stacks: StateStacks,
                     sides: Sequence[torch.Tensor], sides_need_grad: Sequence[bool],
                     draws: Sequence[Sequence[torch.Tensor]], kept: Sequence[tuple[torch.Tensor, ...]],
                     partitions: dict[int, SavedLayer]) -> SavedGroup | BatchedGroup:
@@ -143,8 +153,8 @@ def _group_backward(program: ChainProgram, group: int, states: Sequence[torch.Te
     recomputed here by one batched run of the partitioned forward. Every VJP is then a direct call of
     the compiled backward graph: no autograd engine, no second forward for the weights."""
     prog = program.groups[group]
-    first = prog.layers[0]
-    like = states[first].new_empty((len(prog.layers), *states[first].shape))
+    first = stacks.state(prog.layers[0])
+    like = first.new_empty((len(prog.layers), *first.shape))
     if group in partitions:
         # kept values are listed per layer of the groups that keep them, in layer order
         keeping = [p for p, g in enumerate(program.layer_group) if program.groups[g].keeps_intermediates]
@@ -152,12 +162,12 @@ def _group_backward(program: ChainProgram, group: int, states: Sequence[torch.Te
         values = [torch.stack([v.detach() for v in column]) for column in zip(*per_layer)]
         return SavedGroup(prog, partitions[group], values, sides_need_grad, like)
     if prog.casts_dtypes:
-        return BatchedGroup(prog, states, sides, sides_need_grad, draws)
-    xs, args, need, replay = prog.stack_inputs(states, sides, sides_need_grad, draws)
+        return BatchedGroup(prog, stacks, sides, sides_need_grad, draws)
+    xs, args, need, replay = prog.stack_inputs(stacks, sides, sides_need_grad, draws)
     example = list(args)  # one layer's values: the partition is traced on them
     for p, idx in prog.stacked:
         example[p] = sides[idx[0]]
-    part = prog.partition(states[first], [*example, *(draws[first][j] for j in range(prog.num_draws))],
+    part = prog.partition(first, [*example, *(draws[prog.layers[0]][j] for j in range(prog.num_draws))],
                           need=(True, True, *need, *[False] * prog.num_draws))
     out = part.batched_forward(prog.in_dims())(xs, xs, *args, *replay)
     values = out[part.num_outputs:]
@@ -169,7 +179,11 @@ def _group_backward(program: ChainProgram, group: int, states: Sequence[torch.Te
 
 def _run_scans(program: ChainProgram, batched: Sequence[BatchedGroup]) -> list[ResidualScan]:
     """One scan per run of states, built once per backward: K = I (a cumulative sum) where every layer
-    of the run has an identity residual, else the diagonal K of each layer at its input state's offset."""
+    of the run has an identity residual, else the diagonal K of each layer at its input state's offset.
+
+    K is the size of a state stack, so it is built with no copy to spare: a group whose layers fill
+    a run gives its K rows as they are, γ scales them in place, and a K of zeros and ones (a ReLU
+    residual) is kept as a bool mask (``mask_if_binary``)."""
     runs, gamma = program.state_runs.runs, program.gamma
     k_diag: dict[int, torch.Tensor] = {}
     for b in batched:
@@ -178,13 +192,19 @@ def _run_scans(program: ChainProgram, batched: Sequence[BatchedGroup]) -> list[R
         k, start = b.residual_jacobian().detach(), 0
         for r, offsets in b.prog.inputs:
             first, last = runs[r]
+            rows = k[start: start + len(offsets)]
+            start += len(offsets)
+            if r not in k_diag and offsets == tuple(range(last - first)):
+                k_diag[r] = rows  # the whole run: residual_jacobian's own tensor, no copy
+                continue
             if r not in k_diag:  # identity layers of a mixed run keep K = 1
                 k_diag[r] = k.new_ones((last - first, *k.shape[1:]))
-            k_diag[r][list(offsets)] = k[start: start + len(offsets)]
-            start += len(offsets)
+            k_diag[r][row_index(offsets)] = rows
+        del k
+    for r in k_diag:
+        k_diag[r] = k_diag[r].mul_(1.0 - gamma) if gamma else mask_if_binary(k_diag[r])
     return [
-        ResidualScan((1.0 - gamma) * k_diag[r] if r in k_diag else None if gamma == 0 else 1.0 - gamma,
-                     last - first + 1)
+        ResidualScan(k_diag[r] if r in k_diag else None if gamma == 0 else 1.0 - gamma, last - first + 1)
         for r, (first, last) in enumerate(runs)
     ]
 

@@ -54,7 +54,7 @@ class StateRuns:
         return [states[first].new_zeros((last - first + 1, *states[first].shape)) for first, last in self.runs]
 
 
-def _index(offsets: Sequence[int]) -> slice | list[int]:
+def row_index(offsets: Sequence[int]) -> slice | list[int]:
     """Rows ``offsets`` (ascending) as a slice when they are consecutive (a group's layers in a row,
     the usual case): indexing then gives a view, and ``+=`` adds in place, with no state-stack-sized
     copy per iteration."""
@@ -65,14 +65,14 @@ def _index(offsets: Sequence[int]) -> slice | list[int]:
 
 def gather(per_run: Sequence[torch.Tensor], plan: Plan) -> torch.Tensor:
     """The rows of ``plan``, in order (a view where they are one slice of one run)."""
-    pieces = [per_run[r][_index(offsets)] for r, offsets in plan]
+    pieces = [per_run[r][row_index(offsets)] for r, offsets in plan]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def scatter_add_(per_run: Sequence[torch.Tensor], plan: Plan, values: torch.Tensor) -> None:
     start = 0
     for r, offsets in plan:
-        per_run[r][_index(offsets)] += values[start: start + len(offsets)]
+        per_run[r][row_index(offsets)] += values[start: start + len(offsets)]
         start += len(offsets)
 
 
@@ -111,7 +111,7 @@ class CotangentRows:
 
     def _freeze(self) -> list[tuple[slice | list[int], torch.Tensor] | None]:
         if self._stacked is None:
-            self._stacked = [(_index(sorted(rows)), torch.stack([rows[o] for o in sorted(rows)])) if rows else None
+            self._stacked = [(row_index(sorted(rows)), torch.stack([rows[o] for o in sorted(rows)])) if rows else None
                              for rows in self._rows]
             self._rows = []  # the per-row tensors are now in the stacks
         return self._stacked
@@ -125,3 +125,79 @@ class CotangentRows:
 
     def held(self) -> list[torch.Tensor]:
         return [piece[1] for piece in self._freeze() if piece is not None]
+
+
+class StateStacks:
+    """The chain's states as the forward computes them, written into one stacked tensor per run.
+
+    A group's batched forward and VJPs read its layers' input states as one stacked tensor; kept as
+    separate tensors, the states would be stacked again by every backward (a copy the size of all
+    states). Here each state ``p < L`` is written into its run's stack as it is computed and the
+    next layer reads that row, so a group whose layers are consecutive reads a view. The last state
+    ``h_L``, which no layer reads, stays a tensor of its own: the caller gets it as it is.
+
+    >>> stacks = StateStacks(StateRuns(((0, 2),)), num_layers=2)
+    >>> x = stacks.append(0, torch.zeros(3))
+    >>> x = stacks.append(1, x + 1)
+    >>> y = stacks.append(2, x + 1)
+    >>> stacks.rows(((0, (0, 1)),))._base is stacks.stacks[0]   # the layers' inputs: a view
+    True
+    >>> [s.tolist() for s in stacks.states()]
+    [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]
+    """
+
+    def __init__(self, runs: StateRuns, num_layers: int, stacks: Sequence[torch.Tensor | None] | None = None,
+                 last: torch.Tensor | None = None):
+        self.runs, self.num_layers = runs, num_layers
+        self.stacks: list[torch.Tensor | None] = list(stacks) if stacks is not None else [None] * len(runs.runs)
+        self.last = last
+
+    def _rows(self, r: int) -> int:
+        first, last = self.runs.runs[r]
+        return min(last, self.num_layers - 1) - first + 1
+
+    def append(self, p: int, y: torch.Tensor) -> torch.Tensor:
+        """Keep state ``p`` (computed in state order); return it as the next layer should read it."""
+        if p == self.num_layers:
+            self.last = y
+            return y
+        r, offset = self.runs.locate(p)
+        if offset == 0:
+            self.stacks[r] = _stack_like(y, self._rows(r))
+        row = self.stacks[r][offset]  # type: ignore[index]
+        row.copy_(y)
+        return row
+
+    def state(self, p: int) -> torch.Tensor:
+        if p == self.num_layers:
+            return self.last  # type: ignore[return-value]
+        r, offset = self.runs.locate(p)
+        return self.stacks[r][offset]  # type: ignore[index]
+
+    def states(self) -> list[torch.Tensor]:
+        return [self.state(p) for p in range(self.num_layers + 1)]
+
+    def rows(self, plan: Plan) -> torch.Tensor:
+        """The states of ``plan`` stacked: a view of one stack where they are consecutive rows of it."""
+        return gather(self.stacks, plan)  # type: ignore[arg-type]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What the chain's forward saves for its backward: the stacks, then ``h_L`` (``restore``)."""
+        return [*(s for s in self.stacks if s is not None), self.last]  # type: ignore[list-item]
+
+    @classmethod
+    def restore(cls, runs: StateRuns, num_layers: int, saved: Sequence[torch.Tensor]) -> "StateStacks":
+        stacks = cls(runs, num_layers)
+        held = iter(saved[:-1])
+        stacks.stacks = [next(held) if stacks._rows(r) > 0 else None for r in range(len(runs.runs))]
+        stacks.last = saved[-1]
+        return stacks
+
+
+def _stack_like(y: torch.Tensor, rows: int) -> torch.Tensor:
+    """An empty ``(rows, *y.shape)`` whose rows are laid out as ``y`` (channels-last stays channels-last,
+    so the layers read states of one layout and their compiled kernels see one set of strides)."""
+    dense = y.is_contiguous() or (y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last))
+    if not dense:
+        return y.new_empty((rows, *y.shape))
+    return y.new_empty_strided((rows, *y.shape), (y.numel(), *y.stride()))

@@ -28,10 +28,12 @@ log = logging.getLogger("hbp_compile")
 
 _SOURCE = r"""
 /* w[t] = c[t] + v[t] (t < nv) + K[t] * w[t+1] for t = n-2 .. 0;  w[n-1] = c[n-1] + v[n-1] (if n-1 < nv).
-   mode 0: K = 1;  mode 1: K = ks (a scalar);  mode 2: K = k[t] (rows of m elements).
+   mode 0: K = 1;  mode 1: K = ks (a scalar);  mode 2: K = k[t] (rows of m elements);
+   mode 3: K = mask[t] (rows of m bytes, each 0 or 1: a ReLU's K, an eighth of a double's bytes).
    w may alias c or v: each row is read before it is written. */
 #define DEFINE_SCAN(NAME, T)                                                                   \
-void NAME(const T *c, const T *v, long nv, const T *k, double ks, int mode, T *w, long n, long m) \
+void NAME(const T *c, const T *v, long nv, const T *k, const unsigned char *mask, double ks,  \
+          int mode, T *w, long n, long m)                                                      \
 {                                                                                              \
     const T s = (T)ks;                                                                         \
     for (long t = n - 1; t >= 0; --t) {                                                        \
@@ -48,6 +50,10 @@ void NAME(const T *c, const T *v, long nv, const T *k, double ks, int mode, T *w
         } else if (mode == 1) {                                                                \
             if (vt) for (long j = 0; j < m; ++j) wt[j] = ct[j] + vt[j] + s * wn[j];            \
             else for (long j = 0; j < m; ++j) wt[j] = ct[j] + s * wn[j];                       \
+        } else if (mode == 3) {                                                                \
+            const unsigned char *kt = mask + t * m;                                            \
+            if (vt) for (long j = 0; j < m; ++j) wt[j] = ct[j] + vt[j] + (kt[j] ? wn[j] : (T)0); \
+            else for (long j = 0; j < m; ++j) wt[j] = ct[j] + (kt[j] ? wn[j] : (T)0);          \
         } else {                                                                               \
             const T *kt = k + t * m;                                                           \
             if (vt) for (long j = 0; j < m; ++j) wt[j] = ct[j] + vt[j] + kt[j] * wn[j];        \
@@ -94,8 +100,8 @@ def _library() -> ctypes.CDLL | None:
     for name in _FUNCTIONS.values():
         fn = getattr(lib, name)
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_double,
-                       ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_double, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
     return lib
 
 
@@ -108,22 +114,28 @@ def reverse_scan_into(out: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None
     """``out_t = c_t + v_t + K_t · out_{t+1}`` along dim 0, written into ``out`` (which may be ``c``).
 
     ``k`` is None (K = I), a float (one scalar K), or a contiguous tensor of ``n - 1`` rows shaped as
-    ``c``'s (``k[t]`` multiplies ``out[t+1]``). ``v`` has at most ``n`` rows (the missing last rows add 0).
-    All tensors contiguous, on the CPU, of one dtype (callers check ``available``).
+    ``c``'s (``k[t]`` multiplies ``out[t+1]``), of ``c``'s dtype or bool (a 0/1 mask: ``K · w`` is then
+    ``w`` or 0, as a ReLU's backward gives it). ``v`` has at most ``n`` rows (the missing last rows add
+    0). All tensors contiguous, on the CPU, of one dtype but a mask (callers check ``available``).
 
     >>> c = torch.tensor([1., 1., 1.])
     >>> out = torch.empty(3)
     >>> reverse_scan_into(out, c, None, torch.tensor([2., 3.])); out
     tensor([9., 4., 1.])
+    >>> reverse_scan_into(out, c, None, torch.tensor([True, False])); out
+    tensor([2., 1., 1.])
     """
     n = c.shape[0]
     m = c.numel() // n if n else 0
+    mask = isinstance(k, torch.Tensor) and k.dtype == torch.bool
     for t in (out, c, v, k):
         if isinstance(t, torch.Tensor):
-            assert t.is_contiguous() and t.dtype == c.dtype, "reverse_scan_into: contiguous tensors of one dtype"
+            assert t.is_contiguous() and (t.dtype == c.dtype or t is k and mask), \
+                "reverse_scan_into: contiguous tensors of one dtype (K may be a bool mask)"
     if isinstance(k, torch.Tensor):
         assert k.numel() >= (n - 1) * m, "reverse_scan_into: k needs n - 1 rows shaped as c's"
-    mode = 0 if k is None else 1 if not isinstance(k, torch.Tensor) else 2
+    mode = 0 if k is None else 1 if not isinstance(k, torch.Tensor) else 3 if mask else 2
     fn = getattr(_library(), _FUNCTIONS[c.dtype])
     fn(c.data_ptr(), v.data_ptr() if v is not None else None, v.shape[0] if v is not None else 0,
-       k.data_ptr() if mode == 2 else None, float(k) if mode == 1 else 0.0, mode, out.data_ptr(), n, m)
+       k.data_ptr() if mode == 2 else None, k.data_ptr() if mode == 3 else None,
+       float(k) if mode == 1 else 0.0, mode, out.data_ptr(), n, m)

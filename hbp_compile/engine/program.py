@@ -18,7 +18,7 @@ from ..detect.model import Chain, Layer, ResidualKind
 from .iterate import IterationUsage
 from .memory import BackwardMemory
 from .layer_graphs import differentiable_side_outputs, layer_graph, random_nodes, split_layer_graph
-from .layout import Plan, StateRuns
+from .layout import Plan, StateRuns, StateStacks
 from .saved import SavedLayer, partition_split_layer
 
 
@@ -74,12 +74,13 @@ class GroupProgram:
             dims[p] = 0
         return (0, 0, *dims, *[0] * self.num_draws)
 
-    def stack_inputs(self, states: Sequence[torch.Tensor], sides: Sequence[torch.Tensor],
+    def stack_inputs(self, stacks: StateStacks, sides: Sequence[torch.Tensor],
                      sides_need_grad: Sequence[bool], draws: Sequence[Sequence[torch.Tensor]]
                      ) -> tuple[torch.Tensor, list[torch.Tensor], list[bool], list[torch.Tensor]]:
-        """The group's batched inputs, detached: its input states stacked, each external (stacked over
-        the layers, or the one broadcast tensor) with whether it needs a gradient, and the draws."""
-        xs = torch.stack([states[p].detach() for p in self.layers])
+        """The group's batched inputs, detached: its input states stacked (a view of the forward's
+        stack where the layers are consecutive), each external (stacked over the layers, or the one
+        broadcast tensor) with whether it needs a gradient, and the draws."""
+        xs = stacks.rows(self.inputs).detach()
         n_ext = len(self.stacked) + len(self.broadcast)
         args: list[torch.Tensor] = [None] * n_ext  # type: ignore[list-item]
         need = [False] * n_ext

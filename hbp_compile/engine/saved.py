@@ -226,7 +226,9 @@ class SavedGroup:
     def residual_jacobian(self) -> torch.Tensor:
         if self.prog.kind is ResidualKind.IDENTITY:
             return torch.ones_like(self.like)
-        (k,) = self._grads((0,), torch.ones_like(self.like))
+        # the cotangent of ones as one element expanded: a stack of ones would be one more state stack
+        # at the moment K is built
+        (k,) = self._grads((0,), self.like.new_ones((1,) * self.like.dim()).expand_as(self.like))
         return torch.zeros_like(self.like) if k is None else k
 
     def block_vjp(self, cotangent: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,8 @@ class ResidualScan:
     """``w_i = c_i + v_i + k_i · w_{i+1}`` (``w_{n-1} = c_{n-1} + v_{n-1}``) for many ``(c, v)``, one ``k``.
 
     ``k`` is None (K = I), a float (one scalar for every layer), or a tensor of ``n - 1`` rows that
-    broadcasts against ``c[1:]`` (``k[i]`` multiplies ``w[i+1]``: layer ``i+1``'s residual Jacobian).
+    broadcasts against ``c[1:]`` (``k[i]`` multiplies ``w[i+1]``: layer ``i+1``'s residual Jacobian),
+    possibly a bool mask (a ReLU's K, kept in a byte per entry: ``mask_if_binary``).
     ``v`` (the block VJPs of an iteration) may have fewer rows than ``c``; missing rows add nothing.
 
     >>> scan = ResidualScan(torch.tensor([2., 3.]), 3)
@@ -55,7 +56,7 @@ class ResidualScan:
         self._products: list[torch.Tensor] | None = None  # Hillis–Steele levels, made on first use
 
     def __call__(self, c: torch.Tensor, v: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        if native_scan.available(c) and (not isinstance(self.k, torch.Tensor) or self.k.dtype == c.dtype):
+        if native_scan.available(c) and (not isinstance(self.k, torch.Tensor) or self.k.dtype in (c.dtype, torch.bool)):
             c = c.contiguous()
             v = None if v is None else v.contiguous()
             out = torch.empty_like(c) if out is None else out
@@ -86,7 +87,7 @@ class ResidualScan:
         # products[level][i] = Π k over [i, i + 2^level) (zero past the end): what w[i + 2^level] is
         # multiplied by when it is added to w[i] at that level.
         if self._products is None:
-            k = self.k if isinstance(self.k, torch.Tensor) else torch.full(
+            k = self.k.to(c.dtype) if isinstance(self.k, torch.Tensor) else torch.full(
                 (self.n - 1,) + (1,) * (c.dim() - 1), float(self.k), dtype=c.dtype, device=c.device)
             step = torch.cat([k, torch.zeros_like(k[:1])], dim=0)
             self._products, offset = [], 1
@@ -97,6 +98,22 @@ class ResidualScan:
                 step[:-offset] *= previous[offset:]
                 offset *= 2
         return self._products
+
+
+def mask_if_binary(k: torch.Tensor) -> torch.Tensor:
+    """``k`` as a bool mask when every entry is 0 or 1 (the residual Jacobian of ``relu(x + z)``),
+    else ``k``: the scan then keeps a byte per entry instead of 4 or 8, and gives the same values
+    (``K · w`` is ``w`` or 0 either way).
+
+    >>> mask_if_binary(torch.tensor([0., 1., 1.]))
+    tensor([False,  True,  True])
+    >>> mask_if_binary(torch.tensor([0., .5]))
+    tensor([0.0000, 0.5000])
+    """
+    if not k.is_floating_point():
+        return k
+    mask = k != 0
+    return mask if bool(((k == 1) | ~mask).all()) else k
 
 
 def reverse_linear_scan(c: torch.Tensor, k: torch.Tensor | float) -> torch.Tensor:
