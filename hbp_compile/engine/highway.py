@@ -24,7 +24,8 @@ from torch.autograd.function import once_differentiable
 from ..detect.model import ResidualKind
 from .batched import BatchedGroup
 from .iterate import refuse_double_backward, run_iterations
-from .layout import CotangentRows, StateStacks, gather, row_index, scatter_add_
+from .layout import CotangentRows, StateStacks, gather, row_index
+from .pipelined import pipelined_runs, pipelined_step
 from .memory import nbytes
 from .program import ChainProgram
 from .saved import SavedGroup, SavedLayer
@@ -224,24 +225,45 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], 
     buffers = [[states[first].new_empty((last - first + 1, *states[first].shape)) for _ in range(1 if in_place else 2)]
                for first, last in program.state_runs.runs]
 
-    def block_vjp(b, w: list) -> torch.Tensor:
-        cot = gather(w, b.prog.outputs)
-        vb = b.block_vjp(cot)
+    def group_vjp(b, cot: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+        vb = b.block_vjp(cot, layers) if layers != slice(None) else b.block_vjp(cot)
         if gamma and b.prog.kind is not ResidualKind.ZERO:
             # γ-split: the γ·K part of the residual moves into the block (HIGHWAY_BP.md §1).
-            vb = vb + gamma * residual_k[id(b)] * cot
+            vb = vb + gamma * residual_k[id(b)][layers] * cot
         return vb
+
+    def block_vjp(b, w: list) -> torch.Tensor:
+        return group_vjp(b, gather(w, b.prog.outputs))
+
+    # runs one chunked group fills: scanned chunk by chunk as its VJPs come (engine/pipelined.py)
+    pipelined = pipelined_runs(program.state_runs.runs, batched) if in_place else {}
 
     def step(w: list) -> list:
         # in place: every VJP before w^j's buffer is overwritten; with two buffers one group's at a time
-        pending = [block_vjp(b, w) for b in batched] if in_place else None
+        pending = [block_vjp(b, w) if b not in pipelined.values() else None for b in batched] if in_place else None
         v = w if in_place else [pair[0] if pair[0] is not wr else pair[1] for wr, pair in zip(w, buffers)]
-        for vr in v:
-            vr.zero_()
-        a.add_into(v)
-        for b in batched:
-            scatter_add_(v, b.prog.inputs, pending.pop(0) if pending is not None else block_vjp(b, w))
-        return [scan(vr, out=vr) for scan, vr in zip(scans, v)]
+        whole = [r for r in range(len(v)) if r not in pipelined]
+        for r in whole:
+            v[r].zero_()
+            a.add_rows(v[r], r, 0, v[r].shape[0])
+        into_pipelined: list = []  # pieces of other groups' VJPs that land in pipelined runs
+        for b, vb in zip(batched, pending or [None] * len(batched)):
+            if b in pipelined.values():
+                continue
+            vb = block_vjp(b, w) if vb is None else vb
+            start = 0
+            for r, offsets in b.prog.inputs:
+                rows = vb[start: start + len(offsets)]
+                start += len(offsets)
+                if r in pipelined:
+                    into_pipelined.append((r, (b, offsets, rows)))
+                else:
+                    v[r][row_index(offsets)] += rows
+        for r, fill in pipelined.items():
+            pipelined_step(r, v[r], fill, batched, scans[r], a, [c for q, c in into_pipelined if q == r], group_vjp)
+        for r in whole:
+            scans[r](v[r], out=v[r])
+        return v
 
     first = [pair[-1].zero_() for pair in buffers]
     a.add_into(first)

@@ -69,13 +69,6 @@ def gather(per_run: Sequence[torch.Tensor], plan: Plan) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def scatter_add_(per_run: Sequence[torch.Tensor], plan: Plan, values: torch.Tensor) -> None:
-    start = 0
-    for r, offsets in plan:
-        per_run[r][row_index(offsets)] += values[start: start + len(offsets)]
-        start += len(offsets)
-
-
 class CotangentRows:
     """``a``, the cotangents the outside gives the states, kept as the rows that are not zero: the
     last state's and the taps' (the side outputs' gradients add the rows of their layers). Most chains
@@ -101,7 +94,7 @@ class CotangentRows:
         rows[offset] = g.clone() if offset not in rows else rows[offset] + g
 
     def scatter_add(self, plan: Plan, values: torch.Tensor) -> None:
-        """Add ``values`` (one row per state of ``plan``, as ``scatter_add_`` takes them)."""
+        """Add ``values`` (one row per state of ``plan``, in its order)."""
         start = 0
         for r, offsets in plan:
             first, _ = self.runs.runs[r]
@@ -122,6 +115,31 @@ class CotangentRows:
             if piece is not None:
                 index, values = piece
                 target[index] += values
+
+    def add_rows(self, target: torch.Tensor, r: int, lo: int, hi: int) -> None:
+        """``target[i] += a[r][i]`` for the rows ``lo <= i < hi`` of run ``r`` (``target``: that run's
+        tensor).
+
+        >>> a = CotangentRows(StateRuns(((0, 3),))); a.add(3, torch.ones(2)); a.add(1, torch.ones(2))
+        >>> w = torch.zeros(4, 2); a.add_rows(w, 0, 2, 4); w[:, 0]
+        tensor([0., 0., 0., 1.])
+        """
+        piece = self._freeze()[r]
+        if piece is None:
+            return
+        index, values = piece
+        rows = range(index.start, index.stop) if isinstance(index, slice) else index
+        if lo <= rows[0] and rows[-1] < hi:  # all of them: one indexed add
+            target[index] += values
+            return
+        inside = [j for j, i in enumerate(rows) if lo <= i < hi]
+        if inside:
+            first, last = inside[0], inside[-1]
+            if isinstance(index, slice):  # consecutive: one in-place add of a view
+                target[rows[first]: rows[last] + 1] += values[first: last + 1]
+            else:
+                for j in inside:
+                    target[rows[j]] += values[j]
 
     def held(self) -> list[torch.Tensor]:
         return [piece[1] for piece in self._freeze() if piece is not None]

@@ -30,13 +30,14 @@ _SOURCE = r"""
 /* w[t] = c[t] + v[t] (t < nv) + K[t] * w[t+1] for t = n-2 .. 0;  w[n-1] = c[n-1] + v[n-1] (if n-1 < nv).
    mode 0: K = 1;  mode 1: K = ks (a scalar);  mode 2: K = k[t] (rows of m elements);
    mode 3: K = mask[t] (rows of m bytes, each 0 or 1: a ReLU's K, an eighth of a double's bytes).
+   given_last: w[n-1] is already final (a scan of some rows of a longer one) and is only read.
    w may alias c or v: each row is read before it is written. */
 #define DEFINE_SCAN(NAME, T)                                                                   \
 void NAME(const T *c, const T *v, long nv, const T *k, const unsigned char *mask, double ks,  \
-          int mode, T *w, long n, long m)                                                      \
+          int mode, int given_last, T *w, long n, long m)                                      \
 {                                                                                              \
     const T s = (T)ks;                                                                         \
-    for (long t = n - 1; t >= 0; --t) {                                                        \
+    for (long t = given_last ? n - 2 : n - 1; t >= 0; --t) {                                   \
         const T *ct = c + t * m;                                                               \
         const T *vt = (v && t < nv) ? v + t * m : 0;                                           \
         T *wt = w + t * m;                                                                     \
@@ -101,7 +102,7 @@ def _library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_double, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
+                       ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
     return lib
 
 
@@ -110,13 +111,15 @@ def available(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in _FUNCTIONS and _library() is not None
 
 
-def reverse_scan_into(out: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None, k: torch.Tensor | float | None) -> None:
+def reverse_scan_into(out: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None, k: torch.Tensor | float | None,
+                      given_last: bool = False) -> None:
     """``out_t = c_t + v_t + K_t · out_{t+1}`` along dim 0, written into ``out`` (which may be ``c``).
 
     ``k`` is None (K = I), a float (one scalar K), or a contiguous tensor of ``n - 1`` rows shaped as
     ``c``'s (``k[t]`` multiplies ``out[t+1]``), of ``c``'s dtype or bool (a 0/1 mask: ``K · w`` is then
     ``w`` or 0, as a ReLU's backward gives it). ``v`` has at most ``n`` rows (the missing last rows add
     0). All tensors contiguous, on the CPU, of one dtype but a mask (callers check ``available``).
+    ``given_last``: ``out``'s last row is final already and only read (a scan of the rows below it).
 
     >>> c = torch.tensor([1., 1., 1.])
     >>> out = torch.empty(3)
@@ -138,4 +141,4 @@ def reverse_scan_into(out: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None
     fn = getattr(_library(), _FUNCTIONS[c.dtype])
     fn(c.data_ptr(), v.data_ptr() if v is not None else None, v.shape[0] if v is not None else 0,
        k.data_ptr() if mode == 2 else None, k.data_ptr() if mode == 3 else None,
-       float(k) if mode == 1 else 0.0, mode, out.data_ptr(), n, m)
+       float(k) if mode == 1 else 0.0, mode, int(given_last), out.data_ptr(), n, m)

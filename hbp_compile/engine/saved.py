@@ -200,11 +200,14 @@ class SavedGroup:
         weight_bytes = nbytes(weights)
         return nbytes(self.values) - weight_bytes, weight_bytes
 
-    def _grads(self, wanted: tuple[int, ...], cotangent: torch.Tensor, *, sides: bool = False) -> tuple:
+    def _grads(self, wanted: tuple[int, ...], cotangent: torch.Tensor, *, sides: bool = False,
+               layers: slice = slice(None)) -> tuple:
         """Gradients of inputs ``wanted`` for ``cotangent`` on y, and on the side outputs either their
-        cotangents (``sides``) or zeros: within the iterations they entered ``a`` once already."""
+        cotangents (``sides``) or zeros: within the iterations they entered ``a`` once already. Over
+        the group's ``layers`` (``cotangent`` has their rows only)."""
         side = self.side_cotangents if sides else self.zero_side_cotangents
-        return self.saved.batched_backward(wanted, self.broadcast)(*self.values, cotangent, *side)
+        return self.saved.batched_backward(wanted, self.broadcast)(*(v[layers] for v in self.values), cotangent,
+                                                                   *(c[layers] for c in side))
 
     def side_output_cotangents(self, grads: Sequence[torch.Tensor | None], offsets: Sequence[int]) -> torch.Tensor | None:
         """Take the cotangents of the group's differentiable side outputs (zeros where the loss does not
@@ -231,9 +234,10 @@ class SavedGroup:
         (k,) = self._grads((0,), self.like.new_ones((1,) * self.like.dim()).expand_as(self.like))
         return torch.zeros_like(self.like) if k is None else k
 
-    def block_vjp(self, cotangent: torch.Tensor) -> torch.Tensor:
-        (v,) = self._grads((1,), cotangent)
-        return torch.zeros_like(self.like) if v is None else v
+    def block_vjp(self, cotangent: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+        """``w_{i+1} J_{i+1}`` for the group's ``layers`` (``cotangent``: their output rows of ``w``)."""
+        (v,) = self._grads((1,), cotangent, layers=layers)
+        return torch.zeros_like(cotangent) if v is None else v
 
     def release_iteration_graph(self) -> None:
         """Nothing to free: the kept values serve the weight gradients too."""

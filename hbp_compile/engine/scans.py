@@ -74,6 +74,32 @@ class ResidualScan:
             offset *= 2
         return w
 
+    def scan_rows(self, w: torch.Tensor, lo: int, hi: int) -> None:
+        """Rows ``hi - 1`` down to ``lo`` of ``w`` in place: ``w_i += k_i · w_{i+1}`` (``w`` holds ``c + v``
+        there, and row ``hi`` is final already, or past the end). A scan taken a few rows at a time, top
+        down, as the rows' block VJPs come (``engine/highway.py``'s pipelined iterations).
+
+        >>> scan, w = ResidualScan(torch.tensor([2., 3.]), 3), torch.tensor([1., 1., 1.])
+        >>> scan.scan_rows(w, 1, 3); scan.scan_rows(w, 0, 1); w
+        tensor([9., 4., 1.])
+        """
+        given_last = hi < self.n
+        rows = w[lo: hi + 1] if given_last else w[lo: hi]
+        k = self.k
+        if native_scan.available(w) and (not isinstance(k, torch.Tensor) or k.dtype in (w.dtype, torch.bool)):
+            k = self._dense_k(w)
+            native_scan.reverse_scan_into(rows, rows, None, k[lo:] if isinstance(k, torch.Tensor) else k, given_last)
+            return
+        for i in range(hi - 1, lo - 1, -1):
+            if i + 1 >= self.n:
+                continue  # the last row: no w above it
+            if k is None:
+                w[i] += w[i + 1]
+            elif isinstance(k, torch.Tensor):
+                w[i] += (k[i].to(w.dtype) if k.dtype == torch.bool else k[i]) * w[i + 1]
+            else:
+                w[i] += k * w[i + 1]
+
     def held(self) -> list[torch.Tensor]:
         """The tensors the scan keeps between calls: its K and, off the native path, the products."""
         return [t for t in [self.k, *(self._products or [])] if isinstance(t, torch.Tensor)]
