@@ -127,3 +127,16 @@ def test_pipelined_iterations_give_the_whole_run_estimate(monkeypatch, build, ch
     got = _grads(model, x, k=k, gamma=gamma, chunk=chunk, recompute=recompute)
     assert max_relative_error(got, want) < 1e-9
     assert calls  # the pipelined path ran
+
+
+@pytest.mark.parametrize("build", [lambda: _relu_stack(6), _two_stages_tapped])
+def test_pipelined_iterations_without_the_c_scan(monkeypatch, build):
+    """The torch-ops scans (CUDA, other dtypes, no C compiler): rows scanned in place, a bool K."""
+    from hbp_compile.engine import native_scan
+
+    monkeypatch.setattr(native_scan, "available", lambda t: False)
+    model = make(build())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert max_relative_error(_grads(model, x, k=2, chunk=2), highway_reference_grads(model, x, 2)) < 1e-9
+    assert max_relative_error(_grads(model, x, k=100, chunk=2), autograd_grads(model, x)[1]) < 1e-9
+    assert max_relative_error(_grads(model, x, k=2), highway_reference_grads(model, x, 2)) < 1e-9

@@ -262,7 +262,7 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], 
         for r, fill in pipelined.items():
             pipelined_step(r, v[r], fill, batched, scans[r], a, [c for q, c in into_pipelined if q == r], group_vjp)
         for r in whole:
-            scans[r](v[r], out=v[r])
+            v[r] = scans[r](v[r], out=v[r])
         return v
 
     first = [pair[-1].zero_() for pair in buffers]

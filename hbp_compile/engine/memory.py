@@ -2,20 +2,22 @@
 
 Recorded by every backward (the compile-time training step included) on its ``ChainProgram``:
 
-* ``states``: the chain's states ``h_0 … h_L``, kept from the forward;
+* ``states``: the chain's states ``h_0 … h_L``, kept from the forward in one stack per run (the
+  batched VJPs read their input states as views of it);
 * ``activations``: the values the batched VJPs read (the saving forward's outputs, recomputed once
   per backward or kept from the forward), stacked over each group's layers;
 * ``weights``: the stacked copies of per-layer parameters among those values (vmap needs the
   layers' weights as one tensor);
 * ``iteration``: the iterates' buffer (two with ``k="auto"``), the nonzero rows of ``a`` and the
-  residual Jacobians;
+  residual Jacobians (a bool mask where they are zeros and ones);
 * ``gradients``: the stacked weight and side-input gradients of the last call (the ``.grad`` the
   parameters receive).
 
 The first four are alive together at the end of the iterations; the gradients come after, in the
 last call, which frees the stacked weights first where it restacks them a chunk at a time
 (``SavedGroup.side_grads``). What else the peak holds (the temporaries inside one batched VJP call,
-the rest of the graph's values) is the difference to a measured peak, which the dumps give when they
+the block VJPs of one iteration, or of one chunk where the iterations are pipelined, the rest of the
+graph's values) is the difference to a measured peak, which the dumps give when they
 can measure one.
 """
 from __future__ import annotations

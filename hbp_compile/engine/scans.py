@@ -66,13 +66,14 @@ class ResidualScan:
             c = c.clone()
             c[: v.shape[0]] += v
         if self.k is None:
-            return c.flip(0).cumsum(0).flip(0)
-        w = c.clone()
-        offset = 1
-        for product in self._levels(c):
-            w[:-offset] += product * w[offset:]
-            offset *= 2
-        return w
+            w = c.flip(0).cumsum(0).flip(0)
+        else:
+            w = c.clone()
+            offset = 1
+            for product in self._levels(c):
+                w[:-offset] += product * w[offset:]
+                offset *= 2
+        return w if out is None else out.copy_(w)
 
     def scan_rows(self, w: torch.Tensor, lo: int, hi: int) -> None:
         """Rows ``hi - 1`` down to ``lo`` of ``w`` in place: ``w_i += k_i · w_{i+1}`` (``w`` holds ``c + v``
