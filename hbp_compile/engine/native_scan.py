@@ -29,7 +29,8 @@ log = logging.getLogger("hbp_compile")
 _SOURCE = r"""
 /* w[t] = c[t] + v[t] (t < nv) + K[t] * w[t+1] for t = n-2 .. 0;  w[n-1] = c[n-1] + v[n-1] (if n-1 < nv).
    mode 0: K = 1;  mode 1: K = ks (a scalar);  mode 2: K = k[t] (rows of m elements);
-   mode 3: K = mask[t] (rows of m bytes, each 0 or 1: a ReLU's K, an eighth of a double's bytes).
+   mode 3: K = mask[t] (rows of m bytes, each 0 or 1: a ReLU's K, an eighth of a double's bytes),
+           converted and multiplied as a float K is (a branch per element would not vectorize).
    given_last: w[n-1] is already final (a scan of some rows of a longer one) and is only read.
    w may alias c or v: each row is read before it is written. */
 #define DEFINE_SCAN(NAME, T)                                                                   \
@@ -53,8 +54,8 @@ void NAME(const T *c, const T *v, long nv, const T *k, const unsigned char *mask
             else for (long j = 0; j < m; ++j) wt[j] = ct[j] + s * wn[j];                       \
         } else if (mode == 3) {                                                                \
             const unsigned char *kt = mask + t * m;                                            \
-            if (vt) for (long j = 0; j < m; ++j) wt[j] = ct[j] + vt[j] + (kt[j] ? wn[j] : (T)0); \
-            else for (long j = 0; j < m; ++j) wt[j] = ct[j] + (kt[j] ? wn[j] : (T)0);          \
+            if (vt) for (long j = 0; j < m; ++j) wt[j] = ct[j] + vt[j] + (T)kt[j] * wn[j];    \
+            else for (long j = 0; j < m; ++j) wt[j] = ct[j] + (T)kt[j] * wn[j];               \
         } else {                                                                               \
             const T *kt = k + t * m;                                                           \
             if (vt) for (long j = 0; j < m; ++j) wt[j] = ct[j] + vt[j] + kt[j] * wn[j];        \
@@ -116,8 +117,8 @@ def reverse_scan_into(out: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None
     """``out_t = c_t + v_t + K_t · out_{t+1}`` along dim 0, written into ``out`` (which may be ``c``).
 
     ``k`` is None (K = I), a float (one scalar K), or a contiguous tensor of ``n - 1`` rows shaped as
-    ``c``'s (``k[t]`` multiplies ``out[t+1]``), of ``c``'s dtype or bool (a 0/1 mask: ``K · w`` is then
-    ``w`` or 0, as a ReLU's backward gives it). ``v`` has at most ``n`` rows (the missing last rows add
+    ``c``'s (``k[t]`` multiplies ``out[t+1]``), of ``c``'s dtype or bool (a 0/1 mask, multiplied as the
+    float K it stands for). ``v`` has at most ``n`` rows (the missing last rows add
     0). All tensors contiguous, on the CPU, of one dtype but a mask (callers check ``available``).
     ``given_last``: ``out``'s last row is final already and only read (a scan of the rows below it).
 

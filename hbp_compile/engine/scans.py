@@ -129,8 +129,8 @@ class ResidualScan:
 
 def mask_if_binary(k: torch.Tensor) -> torch.Tensor:
     """``k`` as a bool mask when every entry is 0 or 1 (the residual Jacobian of ``relu(x + z)``),
-    else ``k``: the scan then keeps a byte per entry instead of 4 or 8, and gives the same values
-    (``K · w`` is ``w`` or 0 either way).
+    else ``k``: the scan then keeps a byte per entry instead of 4 or 8, multiplies it as the float it
+    stands for, and gives the same values.
 
     >>> mask_if_binary(torch.tensor([0., 1., 1.]))
     tensor([False,  True,  True])
