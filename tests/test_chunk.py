@@ -115,8 +115,11 @@ def _two_stages_tapped() -> Stack:
 @pytest.mark.parametrize("k,gamma", [(1, 0.0), (2, 0.3), (100, 0.0)])
 def test_pipelined_iterations_give_the_whole_run_estimate(monkeypatch, build, chunk, recompute, k, gamma):
     """When one chunked group fills a run, each iteration scans the run chunk by chunk as its VJPs come
-    (engine/pipelined.py): the same Theorem-2 estimate at small k, autograd's gradients at k >= L."""
-    from hbp_compile.engine import highway
+    (engine/pipelined.py): the same Theorem-2 estimate at small k, autograd's gradients at k >= L.
+    The states are kept in one stack (as large states are), so the VJPs read views of it."""
+    from hbp_compile.engine import highway, layout
+
+    monkeypatch.setattr(layout, "STACK_STATE_MIN_BYTES", 0)
 
     calls = []
     original = highway.pipelined_step

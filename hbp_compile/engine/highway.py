@@ -37,7 +37,7 @@ class HighwayChain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, program: ChainProgram, h0: torch.Tensor, *sides: torch.Tensor):  # type: ignore[override]
-        stacks = StateStacks(program.state_runs, program.num_layers)
+        stacks = StateStacks(program.state_runs, program.num_layers, program.consecutive_runs)
         x = stacks.append(0, h0)
         draws: list[torch.Tensor] = []  # what each layer's random ops drew, in layer order
         side_outputs: list[torch.Tensor] = []
@@ -67,13 +67,13 @@ class HighwayChain(torch.autograd.Function):
         ctx.num_draws = len(draws)
         ctx.kept_counts = [len(values) for values in kept]
         ctx.partitions = partitions
-        held = stacks.tensors()
+        held, ctx.state_layout = stacks.saved()
         ctx.num_held = len(held)
         ctx.save_for_backward(*held, *sides, *draws, *(v for values in kept for v in values))
         ctx.mark_non_differentiable(*frozen)
-        # taps are rows of a saved stack, returned detached: not views to autograd (a view output
-        # could not be modified in place), while an in-place change still bumps the stack's version
-        # and is reported by the backward, as for any saved output
+        # taps may be rows of a saved stack: returned detached, they are not views to autograd (a view
+        # output could not be modified in place), while an in-place change still bumps the stack's
+        # version and is reported by the backward, as for any saved output
         return (stacks.last, *(stacks.state(t).detach() if t < program.num_layers else stacks.last
                                for t in program.taps), *side_outputs)
 
@@ -88,7 +88,7 @@ class HighwayChain(torch.autograd.Function):
         program: ChainProgram = ctx.program
         saved = ctx.saved_tensors
         n, held = program.num_layers, ctx.num_held
-        stacks = StateStacks.restore(program.state_runs, n, saved[:held])
+        stacks = StateStacks.restore(program.state_runs, n, saved[:held], ctx.state_layout)
         states, sides = stacks.states(), saved[held: held + ctx.num_sides]
         first_kept = held + ctx.num_sides + ctx.num_draws
         draws = program.split_draws(saved[held + ctx.num_sides: first_kept])

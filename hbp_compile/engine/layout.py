@@ -145,30 +145,40 @@ class CotangentRows:
         return [piece[1] for piece in self._freeze() if piece is not None]
 
 
+# a state below this is kept as a tensor of its own: its copy into a stack would cost a kernel per
+# layer in the forward (a launch on a GPU) for a few bytes of the backward's peak
+STACK_STATE_MIN_BYTES = 64 * 2 ** 10
+
+
 class StateStacks:
     """The chain's states as the forward computes them, written into one stacked tensor per run.
 
     A group's batched forward and VJPs read its layers' input states as one stacked tensor; kept as
     separate tensors, the states would be stacked again by every backward (a copy the size of all
-    states). Here each state ``p < L`` is written into its run's stack as it is computed and the
-    next layer reads that row, so a group whose layers are consecutive reads a view. The last state
-    ``h_L``, which no layer reads, stays a tensor of its own: the caller gets it as it is.
+    states). Here each state ``p < L`` of a run in ``stacked_runs`` is written into its run's stack as
+    it is computed and the next layer reads that row, so a group whose layers are consecutive reads
+    a view. Runs no group reads consecutively, and states under ``STACK_STATE_MIN_BYTES``, stay
+    separate tensors, stacked where read. The last state ``h_L``, which no layer reads, stays a tensor
+    of its own: the caller gets it as it is.
 
-    >>> stacks = StateStacks(StateRuns(((0, 2),)), num_layers=2)
+    >>> stacks = StateStacks(StateRuns(((0, 2),)), num_layers=2, min_bytes=0)
     >>> x = stacks.append(0, torch.zeros(3))
     >>> x = stacks.append(1, x + 1)
     >>> y = stacks.append(2, x + 1)
-    >>> stacks.rows(((0, (0, 1)),))._base is stacks.stacks[0]   # the layers' inputs: a view
+    >>> stacks.rows(((0, (0, 1)),))._base is stacks.per_run[0]   # the layers' inputs: a view
     True
     >>> [s.tolist() for s in stacks.states()]
     [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]
     """
 
-    def __init__(self, runs: StateRuns, num_layers: int, stacks: Sequence[torch.Tensor | None] | None = None,
-                 last: torch.Tensor | None = None):
+    def __init__(self, runs: StateRuns, num_layers: int, stacked_runs: frozenset[int] | None = None,
+                 min_bytes: int | None = None):
         self.runs, self.num_layers = runs, num_layers
-        self.stacks: list[torch.Tensor | None] = list(stacks) if stacks is not None else [None] * len(runs.runs)
-        self.last = last
+        self.stacked_runs = frozenset(range(len(runs.runs))) if stacked_runs is None else stacked_runs
+        self.min_bytes = STACK_STATE_MIN_BYTES if min_bytes is None else min_bytes
+        # per run: its stack, or its states as a list
+        self.per_run: list[torch.Tensor | list[torch.Tensor]] = [[] for _ in runs.runs]
+        self.last: torch.Tensor | None = None
 
     def _rows(self, r: int) -> int:
         first, last = self.runs.runs[r]
@@ -180,34 +190,51 @@ class StateStacks:
             self.last = y
             return y
         r, offset = self.runs.locate(p)
-        if offset == 0:
-            self.stacks[r] = _stack_like(y, self._rows(r))
-        row = self.stacks[r][offset]  # type: ignore[index]
-        row.copy_(y)
-        return row
+        if offset == 0 and r in self.stacked_runs and self._rows(r) > 1 and \
+                y.numel() * y.element_size() >= self.min_bytes:
+            self.per_run[r] = _stack_like(y, self._rows(r))
+        held = self.per_run[r]
+        if isinstance(held, list):
+            held.append(y)
+            return y
+        held[offset].copy_(y)
+        return held[offset]
 
     def state(self, p: int) -> torch.Tensor:
         if p == self.num_layers:
             return self.last  # type: ignore[return-value]
         r, offset = self.runs.locate(p)
-        return self.stacks[r][offset]  # type: ignore[index]
+        return self.per_run[r][offset]
 
     def states(self) -> list[torch.Tensor]:
         return [self.state(p) for p in range(self.num_layers + 1)]
 
     def rows(self, plan: Plan) -> torch.Tensor:
         """The states of ``plan`` stacked: a view of one stack where they are consecutive rows of it."""
-        return gather(self.stacks, plan)  # type: ignore[arg-type]
+        pieces = [held[row_index(offsets)] if isinstance(held, torch.Tensor)
+                  else torch.stack([held[o] for o in offsets])
+                  for held, offsets in ((self.per_run[r], offsets) for r, offsets in plan)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def tensors(self) -> list[torch.Tensor]:
-        """What the chain's forward saves for its backward: the stacks, then ``h_L`` (``restore``)."""
-        return [*(s for s in self.stacks if s is not None), self.last]  # type: ignore[list-item]
+    def saved(self) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+        """What the chain's forward saves for its backward (the stacks and separate states, then
+        ``h_L``) and how to split it again (``restore``): per run, -1 for a stack, else a count."""
+        flat: list[torch.Tensor] = []
+        layout = []
+        for held in self.per_run:
+            flat.extend([held] if isinstance(held, torch.Tensor) else held)
+            layout.append(-1 if isinstance(held, torch.Tensor) else len(held))
+        return [*flat, self.last], tuple(layout)  # type: ignore[list-item]
 
     @classmethod
-    def restore(cls, runs: StateRuns, num_layers: int, saved: Sequence[torch.Tensor]) -> "StateStacks":
-        stacks = cls(runs, num_layers)
-        held = iter(saved[:-1])
-        stacks.stacks = [next(held) if stacks._rows(r) > 0 else None for r in range(len(runs.runs))]
+    def restore(cls, runs: StateRuns, num_layers: int, saved: Sequence[torch.Tensor],
+                layout: Sequence[int]) -> "StateStacks":
+        stacks, start = cls(runs, num_layers), 0
+        for r, count in enumerate(layout):
+            if count < 0:
+                stacks.per_run[r], start = saved[start], start + 1
+            else:
+                stacks.per_run[r], start = list(saved[start: start + count]), start + count
         stacks.last = saved[-1]
         return stacks
 

@@ -2,8 +2,8 @@
 
 Recorded by every backward (the compile-time training step included) on its ``ChainProgram``:
 
-* ``states``: the chain's states ``h_0 … h_L``, kept from the forward in one stack per run (the
-  batched VJPs read their input states as views of it);
+* ``states``: the chain's states ``h_0 … h_L``, kept from the forward, in one stack per run where
+  that makes the batched VJPs' input states a view of it (``StateStacks``);
 * ``activations``: the values the batched VJPs read (the saving forward's outputs, recomputed once
   per backward or kept from the forward), stacked over each group's layers;
 * ``weights``: the stacked copies of per-layer parameters among those values (vmap needs the

@@ -18,7 +18,7 @@ from ..detect.model import Chain, Layer, ResidualKind
 from .iterate import IterationUsage
 from .memory import BackwardMemory
 from .layer_graphs import differentiable_side_outputs, layer_graph, random_nodes, split_layer_graph
-from .layout import Plan, StateRuns, StateStacks
+from .layout import Plan, StateRuns, StateStacks, row_index
 from .saved import SavedLayer, partition_split_layer
 
 
@@ -133,6 +133,13 @@ class ChainProgram:
     tol: float = 0.0  # > 0: k="auto", stop when the relative change of w falls to tol (engine/iterate.py)
     usage: IterationUsage = field(default_factory=IterationUsage, compare=False, repr=False)
     memory: BackwardMemory = field(default_factory=BackwardMemory, compare=False, repr=False)  # the last backward's
+
+    @cached_property
+    def consecutive_runs(self) -> frozenset[int]:
+        """Runs of states that some group reads two or more consecutive rows of: the forward keeps
+        their states in one stack, so that those rows are a view (``StateStacks``)."""
+        return frozenset(r for g in self.groups for r, offsets in g.inputs
+                         if len(offsets) > 1 and isinstance(row_index(offsets), slice))
 
     @property
     def identity_residual(self) -> bool:
