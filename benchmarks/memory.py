@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import random
 import statistics
 import time
 import warnings
@@ -22,6 +21,7 @@ import torch
 
 from hbp_compile import hbp_compile
 
+from .rounds import interleaved_rounds
 from .suite import _peak_memory, write_section
 from .workloads import workloads
 
@@ -51,11 +51,7 @@ def measure(workload, repeats: int) -> list[str]:
         step(label)
         step(label)
     times: dict[str, list[float]] = {label: [] for label in methods}
-    order, shuffle = list(methods), random.Random(0).shuffle
-    for _ in range(repeats):
-        shuffle(order)  # a fixed order biased the later methods by a few percent (one's cache, the other's)
-        for label in order:
-            times[label].append(step(label))
+    interleaved_rounds({label: (lambda lb=label: times[lb].append(step(lb))) for label in methods}, repeats)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peaks = {label: _peak_memory(fns[label], models[label], workload, batch, "cpu") for label in methods}

@@ -3,8 +3,8 @@
 Run: python -m benchmarks.speed [--repeats 15] [--k 3] [--only gru256 gru1024 cell256 stack64] [--compile]
                                 [--write]
 
-Each training step (forward, loss, backward) is timed with the methods alternating, so that machine
-noise hits all of them alike; the table gives the median over ``--repeats`` rounds, min–max beside
+Each training step (forward, loss, backward) is timed with the methods alternating, in an order
+shuffled every round (``rounds.py``), so that machine noise hits all of them alike; the table gives the median over ``--repeats`` rounds, min–max beside
 it, and the ratio HBP step / eager backprop step. First calls (capture + compile) are timed apart.
 ``--write`` puts the tables into docs/benchmarks.md between the ``speed`` markers.
 """
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from hbp_compile import hbp_compile
 
+from .rounds import interleaved_rounds
 from .workloads import PreLNStack
 
 
@@ -95,9 +96,8 @@ def measure(name: str, ks: list[int], repeats: int, with_compile: bool) -> list[
     for m in methods.values():
         step(m)
     times: dict[str, list[float]] = {label: [] for label in methods}
-    for _ in range(repeats):
-        for label, m in methods.items():
-            times[label].append(step(m))
+    interleaved_rounds({label: (lambda lb=label, m=m: times[lb].append(step(m))) for label, m in methods.items()},
+                       repeats)
     base = statistics.median(times["eager backprop"])
     lines = [f"### {title}", "", "| method | step (ms) | min–max (ms) | / eager backprop | paired ratio | first call (s) |",
              "|---|---|---|---|---|---|"]

@@ -45,6 +45,7 @@ from hbp_compile import hbp_compile
 from hbp_compile.verify import peak_bytes
 
 from .kernels import count_step_kernels, enable_kernel_events
+from .rounds import interleaved_rounds
 from .workloads import Workload, workloads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,14 +154,13 @@ def measure(workload: Workload, name: str, k: int | None, wrap, repeats: int, de
 
 def measure_interleaved(workload: Workload, repeats: int, device: str, ks=HBP_KS, chosen=None) -> list[Row]:
     """Every method of ``workload`` (or the ``chosen`` (name, k, wrap) triples) in this process,
-    alternating: round r times each method once, starting from method r (mod the number of
-    methods), so that no method always follows the same one."""
+    alternating: each round times each method once, in a shuffled order (``rounds.py``), so that no
+    method always follows the same one."""
     init, batch, exact = _workload_inputs(workload, device)
     chosen = methods(workload, ks) if chosen is None else chosen
     prepared = [prepare(workload, name, k, wrap, device, init, batch) for name, k, wrap in chosen]
-    for r in range(repeats):
-        for i in range(len(prepared)):
-            time_step(prepared[(r + i) % len(prepared)], workload, batch, device)
+    interleaved_rounds({str(i): (lambda m=m: time_step(m, workload, batch, device)) for i, m in enumerate(prepared)},
+                       repeats)
     return [finish(workload, method, device, exact, batch) for method in prepared]
 
 
@@ -238,7 +238,7 @@ def markdown(rows: list[Row], selected: list[Workload], device: str, repeats: in
     cache = "a warm" if "hbp_bench_inductor_" not in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "") else "an empty"
     if interleaved:
         mode = ("A workload's methods run in one process, alternating step by step, round after round "
-                f"({repeats} rounds); min–max is over the rounds.")
+                f"({repeats} rounds, in an order shuffled every round); min–max is over the rounds.")
     else:
         mode = ("Each method runs in a process of its own; the processes share the run's Inductor cache, so "
                 "methods that compile the same graphs (HBP at another k) reuse its entries, as a user changing k "
