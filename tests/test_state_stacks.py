@@ -58,3 +58,31 @@ def test_the_batched_inputs_are_a_view_of_the_forward_stack(monkeypatch):
     assert stacks.rows(((0, (0, 1, 2, 3)),))._base is stacks.per_run[0]
     _run(model, x, 2 ** 40, k=2)
     assert isinstance(seen[-1].per_run[0], list)  # small states: separate tensors
+
+
+# (zoo entry, pipelined): convolution stages are one group per run; transformers alternate
+# attention and MLP groups, whose states stay separate
+ZOO_SAMPLE = [("convnext", True), ("resnet", True), ("gpt2", False), ("nn.TransformerEncoder (pre-LN)", False)]
+
+
+@pytest.mark.parametrize("name,pipelined", ZOO_SAMPLE)
+def test_models_written_by_others_stay_exact_with_stacked_states_and_pipelined_chunks(monkeypatch, name, pipelined):
+    """Zoo models (tests/zoo.py) with the states of every run a group reads consecutively in a stack
+    and one layer per VJP call, so that a group filling a run is pipelined: the forward
+    bit-identical, exact at k >= L."""
+    pytest.importorskip("transformers")
+    from hbp_compile.engine import highway
+
+    from . import zoo
+
+    calls = []
+    original = highway.pipelined_step
+    monkeypatch.setattr(highway, "pipelined_step", lambda *a: calls.append(a[0]) or original(*a))
+    monkeypatch.setattr(layout, "STACK_STATE_MIN_BYTES", 0)
+    monkeypatch.setattr(zoo, "hbp_compile", lambda model, **options: hbp_compile(model, chunk=1, **options))
+    (entry,) = [e for e in zoo.ZOO if e.name == name]
+    result = zoo.run(entry)
+    assert result.forward_equal
+    assert result.error is not None and result.error < entry.tolerance, result.error
+    assert result.layers == entry.expected_found
+    assert bool(calls) == pipelined
