@@ -226,7 +226,8 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], 
                for first, last in program.state_runs.runs]
 
     def group_vjp(b, cot: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
-        vb = b.block_vjp(cot, layers) if layers != slice(None) else b.block_vjp(cot)
+        # a chunk of layers only in pipelined runs, whose groups are SavedGroups; a BatchedGroup takes all
+        vb = b.block_vjp(cot) if layers == slice(None) else b.block_vjp(cot, layers)
         if gamma and b.prog.kind is not ResidualKind.ZERO:
             # γ-split: the γ·K part of the residual moves into the block (HIGHWAY_BP.md §1).
             vb = vb + gamma * residual_k[id(b)][layers] * cot
@@ -237,20 +238,20 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], 
 
     # runs one chunked group fills: scanned chunk by chunk as its VJPs come (engine/pipelined.py)
     pipelined = pipelined_runs(program.state_runs.runs, batched) if in_place else {}
+    fills = {id(b) for b in pipelined.values()}
+    others = [b for b in batched if id(b) not in fills]
+    whole = [r for r in range(len(buffers)) if r not in pipelined]
 
     def step(w: list) -> list:
         # in place: every VJP before w^j's buffer is overwritten; with two buffers one group's at a time
-        pending = [block_vjp(b, w) if b not in pipelined.values() else None for b in batched] if in_place else None
+        pending = [block_vjp(b, w) for b in others] if in_place else None
         v = w if in_place else [pair[0] if pair[0] is not wr else pair[1] for wr, pair in zip(w, buffers)]
-        whole = [r for r in range(len(v)) if r not in pipelined]
         for r in whole:
             v[r].zero_()
             a.add_rows(v[r], r, 0, v[r].shape[0])
         into_pipelined: list = []  # pieces of other groups' VJPs that land in pipelined runs
-        for b, vb in zip(batched, pending or [None] * len(batched)):
-            if b in pipelined.values():
-                continue
-            vb = block_vjp(b, w) if vb is None else vb
+        for i, b in enumerate(others):
+            vb = pending[i] if pending is not None else block_vjp(b, w)
             start = 0
             for r, offsets in b.prog.inputs:
                 rows = vb[start: start + len(offsets)]

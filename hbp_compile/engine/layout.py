@@ -111,10 +111,8 @@ class CotangentRows:
 
     def add_into(self, per_run: Sequence[torch.Tensor]) -> None:
         """``per_run[r][rows] += a[r][rows]`` for every run."""
-        for target, piece in zip(per_run, self._freeze()):
-            if piece is not None:
-                index, values = piece
-                target[index] += values
+        for r, target in enumerate(per_run):
+            self.add_rows(target, r, 0, target.shape[0])
 
     def add_rows(self, target: torch.Tensor, r: int, lo: int, hi: int) -> None:
         """``target[i] += a[r][i]`` for the rows ``lo <= i < hi`` of run ``r`` (``target``: that run's

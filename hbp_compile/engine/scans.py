@@ -56,7 +56,7 @@ class ResidualScan:
         self._products: list[torch.Tensor] | None = None  # Hillis–Steele levels, made on first use
 
     def __call__(self, c: torch.Tensor, v: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        if native_scan.available(c) and (not isinstance(self.k, torch.Tensor) or self.k.dtype in (c.dtype, torch.bool)):
+        if self._native(c):
             c = c.contiguous()
             v = None if v is None else v.contiguous()
             out = torch.empty_like(c) if out is None else out
@@ -87,7 +87,7 @@ class ResidualScan:
         given_last = hi < self.n
         rows = w[lo: hi + 1] if given_last else w[lo: hi]
         k = self.k
-        if native_scan.available(w) and (not isinstance(k, torch.Tensor) or k.dtype in (w.dtype, torch.bool)):
+        if self._native(w):
             k = self._dense_k(w)
             native_scan.reverse_scan_into(rows, rows, None, k[lo:] if isinstance(k, torch.Tensor) else k, given_last)
             return
@@ -100,6 +100,11 @@ class ResidualScan:
                 w[i] += (k[i].to(w.dtype) if k.dtype == torch.bool else k[i]) * w[i + 1]
             else:
                 w[i] += k * w[i + 1]
+
+    def _native(self, c: torch.Tensor) -> bool:
+        """Can the C kernel scan ``c`` with this K (``c``'s dtype, or a bool mask)?"""
+        return native_scan.available(c) and (not isinstance(self.k, torch.Tensor)
+                                             or self.k.dtype in (c.dtype, torch.bool))
 
     def held(self) -> list[torch.Tensor]:
         """The tensors the scan keeps between calls: its K and, off the native path, the products."""
