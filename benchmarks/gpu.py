@@ -4,8 +4,8 @@ Run: python -m benchmarks.gpu [--smoke] [--budget-s 400] [--out docs/benchmarks-
 (``benchmarks/device_check.sh`` runs the CUDA tests, then this.)
 
 Per workload, in one process: eager backprop, torch.compile backprop and Highway-BP at k = 0, 1, 3.
-Each method's training step (forward, loss, backward) is timed with the methods alternating, median
-of ``--repeats`` after warm-up, the device synchronized around each step; beside it the peak memory
+Each method's training step (forward, loss, backward) is timed with the methods interleaved, in an
+order shuffled every round (``rounds.py``), median of ``--repeats`` after warm-up, the device synchronized around each step; beside it the peak memory
 the step allocated beyond what was live before it (``torch.cuda.max_memory_allocated``), the cosine
 between its parameter gradient and eager backprop's, and the first call (capture + compile).
 ``--smoke`` runs the same code on the CPU with tiny sizes (CI runs it). Methods left when
@@ -26,11 +26,20 @@ import torch
 
 from hbp_compile import hbp_compile
 
-from .workloads import PreLNStack, RecurrentLM, ResNet, _ce, _gpt2, _lm
+from .rounds import interleaved_rounds
+from .workloads import CellLoopLM, PreLNStack, RecurrentLM, ResNet, _ce, _gpt2, _lm
 from .workloads import _sequence_ce as _seq_ce
 
 # The paper's Table 6 (one GPU, ms per training step; HIGHWAY_BP.md §5), as HBP k=3 / backprop.
-PAPER_K3_RATIO = {"GRU T=256": 97 / 209, "GRU T=1024": 210 / 715}
+# Its backprop is the sequential one (as the GRUCell loop's), not a fused cuDNN call.
+PAPER_K3_RATIO = {"GRU T=256": 97 / 209, "GRU T=1024": 210 / 715,
+                  "GRUCell loop T=256": 97 / 209, "GRUCell loop T=1024": 210 / 715}
+
+
+# torch.compile unrolls a Python loop step by step into one graph: 215 s to compile 256 GRUCell
+# steps on a 2-core CPU, more than 15 minutes for 1024 (measured 2026-11-26). hbp_compile finds the
+# recurrence and captures one step (5.5 s and 11.5 s).
+UNROLLED = {"torch.compile backprop": "not measured: torch.compile takes minutes on the unrolled loop"}
 
 
 @dataclass
@@ -40,6 +49,7 @@ class Case:
     make_batch: Callable[[torch.device], tuple]
     loss: Callable[[torch.nn.Module, tuple], torch.Tensor]
     gamma: float = 0.0
+    skip: dict[str, str] = field(default_factory=dict)  # method -> why it is not measured
 
 
 @dataclass
@@ -61,24 +71,36 @@ class Result:
 
 
 def cases(smoke: bool) -> list[Case]:
+    """The workloads, most wanted first (a run cut short by its budget keeps the first ones).
+    ``smoke``: every one at a tiny size, so that the CPU run takes each code path the GPU run takes."""
     def classification(*shape):
         return lambda dev: (torch.randn(*shape, device=dev), torch.randint(0, 10, shape[:1], device=dev))
 
     def sequence(b, t, d):
         return lambda dev: (torch.randn(b, t, d, device=dev), torch.randint(0, 10, (b, t), device=dev))
 
+    def tokens(b, t, vocab):
+        return lambda dev: (torch.randint(0, vocab, (b, t), device=dev),)
+
     if smoke:
         return [
             Case("GRU T=16", lambda: RecurrentLM("gru", 8), sequence(2, 16, 8), _seq_ce),
+            Case("GRUCell loop T=16", lambda: CellLoopLM(8), sequence(2, 16, 8), _seq_ce, skip=UNROLLED),
             Case("pre-LN MLP L=6", lambda: PreLNStack(6, 8), classification(4, 8), _ce),
+            Case("ReLU ResNet 3 blocks c=4 8x8 B=2", lambda: ResNet(3, 4), classification(2, 3, 8, 8), _ce),
+            Case("GPT-2 2 layers d=32 T=16 B=2 (vocab 64)", lambda: _gpt2(2, 32, 4, 64, 16), tokens(2, 16, 64),
+                 _lm, gamma=0.2),
         ]
+    gpt2 = Case("GPT-2 small shape T=64 B=2 (vocab 512)", lambda: _gpt2(12, 768, 12, 512, 64), tokens(2, 64, 512),
+                _lm, gamma=0.2)
     return [
         Case("GRU T=256", lambda: RecurrentLM("gru", 64), sequence(32, 256, 64), _seq_ce),
+        Case("GRUCell loop T=256", lambda: CellLoopLM(64), sequence(32, 256, 64), _seq_ce, skip=UNROLLED),
+        gpt2,  # its Highway-BP rows failed on the first GPU run, before a fix: wanted early
         Case("GRU T=1024", lambda: RecurrentLM("gru", 64), sequence(32, 1024, 64), _seq_ce),
+        Case("GRUCell loop T=1024", lambda: CellLoopLM(64), sequence(32, 1024, 64), _seq_ce, skip=UNROLLED),
         Case("pre-LN MLP L=64 d=32 B=8", lambda: PreLNStack(64, 32), classification(8, 32), _ce),
         Case("ReLU ResNet 8 blocks c=32 16x16 B=16", lambda: ResNet(8, 32), classification(16, 3, 16, 16), _ce),
-        Case("GPT-2 small shape T=64 B=2 (vocab 512)", lambda: _gpt2(12, 768, 12, 512, 64),
-             lambda dev: (torch.randint(0, 512, (2, 64), device=dev),), _lm, gamma=0.2),
     ]
 
 
@@ -117,6 +139,9 @@ def run_case(case: Case, device: torch.device, ks: list[int], repeats: int, dead
     for label, make in methods.items():
         row = rows[label] = Row(label)
         result.rows.append(row)
+        if label in case.skip:
+            row.note = case.skip[label]
+            continue
         if time.perf_counter() > deadline:
             row.note = "not measured (time budget)"
             continue
@@ -142,9 +167,8 @@ def run_case(case: Case, device: torch.device, ks: list[int], repeats: int, dead
         except Exception as exc:  # noqa: BLE001 - a failing method is a row that says why
             row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     times: dict[str, list[float]] = {label: [] for label in built}
-    for _ in range(repeats):
-        for label, m in built.items():
-            times[label].append(step(m))
+    interleaved_rounds({label: (lambda lb=label, m=m: times[lb].append(step(m))) for label, m in built.items()},
+                       repeats)
     for label, ts in times.items():
         rows[label].step_ms = statistics.median(ts) * 1e3
         rows[label].spread = (min(ts) * 1e3, max(ts) * 1e3)
@@ -158,10 +182,10 @@ def render(results: list[Result], device_name: str, smoke: bool, command: str) -
         "",
         f"Written by `{command}` on {today}, device: **{device_name}**" + (" (smoke run: tiny sizes)" if smoke else "") + ".",
         "",
-        "Per workload, one process; methods alternate, median training step (forward + loss + backward) "
+        "Per workload, one process; methods interleaved in an order shuffled every round, median training step (forward + loss + backward) "
         "with min–max; peak = memory allocated during the step beyond what was live before it; cosine = "
         "gradient cosine to eager backprop; first call = capture + compile + first step. Rows marked "
-        "'not measured' ran out of the script's time budget.",
+        "'not measured' say why (the script's time budget, or a compile that takes minutes).",
         "",
     ]
     for res in results:

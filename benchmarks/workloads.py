@@ -72,6 +72,23 @@ class RecurrentLM(nn.Module):
         return self.head(self.rnn(x)[0])
 
 
+class CellLoopLM(nn.Module):
+    """``RecurrentLM`` written as a Python loop over ``nn.GRUCell``: the sequential backprop the
+    paper's Table 6 measures, one small kernel sequence per step (``nn.GRU``'s is one fused call)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.cell, self.head = nn.GRUCell(d, d), nn.Linear(d, 10)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], self.cell.hidden_size)
+        states = []
+        for x_t in x.unbind(1):
+            h = self.cell(x_t, h)
+            states.append(h)
+        return self.head(torch.stack(states, 1))
+
+
 def _classification(shape: tuple[int, ...], classes: int = 10):
     def batch(gen: torch.Generator):
         return torch.randn(*shape, generator=gen), torch.randint(0, classes, shape[:1], generator=gen)

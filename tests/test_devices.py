@@ -1,10 +1,14 @@
 """The exactness core on every accelerator present (CUDA), skipped where there is none.
 
 k ≥ L against autograd (1e-8 in float64, 1e-4 in float32), small k against the sequential
-Theorem-2 reference, for chains (eager and Inductor) and for swapped recurrences. Every tensor the
+Theorem-2 reference, for chains (eager and Inductor) and for swapped recurrences; then the paths
+the CPU takes otherwise on a GPU: the torch-ops scans (the C scan is CPU-only), pipelined chunks
+with stacked states and a 0/1 K, dropout's draws replayed, ``k="auto"``, autocast. Every tensor the
 pass creates must live on the model's device: a CPU tensor reaching a CUDA op raises here.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -14,9 +18,22 @@ from hbp_compile import hbp_compile
 from .models import Gated, Stack, make, mlp_stack, transformer_stack
 from .recurrent_models import RecurrentLoss
 from .reference import autograd_grads, highway_reference_grads, max_relative_error
+from .test_chunk import _relu_stack, _two_stages_tapped
 
-DEVICES = [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+# HBP_TEST_DEVICES=cpu runs this file on the CPU as well (with the C scan switched off, the scans
+# CUDA takes): a check of the tests themselves, and of a torch other than the pinned one, without a GPU
+DEVICES = [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+           *[d for d in os.environ.get("HBP_TEST_DEVICES", "").split(",") if d and d != "cuda"]]
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def _scans_as_on_cuda(monkeypatch, request):
+    """The C scan is CPU-only: a CPU run of this file takes CUDA's torch-ops scans instead."""
+    if request.node.callspec.params.get("device") == "cpu":
+        from hbp_compile.engine import native_scan
+
+        monkeypatch.setattr(native_scan, "available", lambda t: False)
 
 CHAINS = {
     "mlp-L6": (lambda: mlp_stack(6, d=8, hidden=16), (4, 3)),
@@ -92,3 +109,73 @@ def test_hugging_face_gpt2_exact_at_k_ge_depth(device):
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert compiled.hbp_report.num_layers == 4
     assert max_relative_error(got, want) < 1e-4
+
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("build", [lambda: _relu_stack(6), _two_stages_tapped],
+                         ids=["relu-mask", "two-runs-tapped"])
+def test_pipelined_chunks_on_stacked_states(monkeypatch, device, build, recompute):
+    """One chunked group filling a run is scanned chunk by chunk (engine/pipelined.py), on states
+    kept in one stack, with a ReLU's K kept as a bool mask: the CUDA scans take rows in place."""
+    from hbp_compile.engine import highway, layout
+
+    monkeypatch.setattr(layout, "STACK_STATE_MIN_BYTES", 0)
+    calls = []
+    original = highway.pipelined_step
+    monkeypatch.setattr(highway, "pipelined_step", lambda *a: calls.append(a[0]) or original(*a))
+    model = make(build()).to(device)
+    x = torch.randn(2, 3, dtype=torch.float64, device=device)
+    for k in (2, 100):
+        want = highway_reference_grads(model, x, k) if k < 100 else autograd_grads(model, x)[1]
+        got = _grads(hbp_compile(model, k=k, chunk=2, recompute=recompute, backend="eager"), model, x)
+        assert max_relative_error(got, want) < 1e-8
+    assert calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_draws_replayed_on_device(device):
+    """The backward replays the forward's draws from the device's generator."""
+    from .test_dropout import DropoutMLP
+
+    model = make(Stack([DropoutMLP(6, 12) for _ in range(4)], 3, 6, 2)).train().to(device)
+    x = torch.randn(5, 3, dtype=torch.float64, device=device)
+    torch.manual_seed(123)
+    want_out = model(x)
+    want_out.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = hbp_compile(model, k=4, backend="eager")
+    torch.manual_seed(123)
+    out = compiled(x)
+    assert torch.equal(out, want_out)
+    out.backward()
+    assert max_relative_error({n: p.grad for n, p in model.named_parameters()}, want) < 1e-8
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_k_on_device(device):
+    model = make(mlp_stack(8)).to(device)
+    x = torch.randn(4, 3, dtype=torch.float64, device=device)
+    compiled = hbp_compile(model, k="auto", tol=1e-3, backend="eager")
+    got = _grads(compiled, model, x)
+    (usage,) = compiled.hbp_iterations.values()
+    assert max_relative_error(got, highway_reference_grads(model, x, usage.last)) < 1e-8
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_bfloat16_matches_autocast_backprop(device):
+    model = make(mlp_stack(3, d=8, hidden=16)).float().to(device)
+    x = torch.randn(4, 3, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        want_out = model(x)
+    want_out.float().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = hbp_compile(model, k=3, backend="eager")
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = compiled(x)
+    out.float().backward()
+    assert torch.allclose(out.float(), want_out.float(), rtol=1e-2, atol=1e-2)
+    assert max_relative_error({n: p.grad for n, p in model.named_parameters()}, want) < 2e-2
