@@ -7,14 +7,50 @@ Highway-BP iteration:
 * on the CPU (float32/float64), one sequential O(n) pass of a small C kernel
   (``engine/native_scan.py``): it reads each operand once, adds the iteration's block VJP ``v`` on
   the way, and keeps nothing between calls;
-* elsewhere (CUDA, other dtypes, no C compiler), log-depth torch ops: ``cumsum`` for ``K = I``, and
-  Hillis–Steele with ``K``'s running products computed once per backward for the others.
+* on CUDA, one Triton kernel (``engine/triton_scan.py``) with the same operands: O(n) work in
+  tiles scanned in parallel, nothing kept;
+* elsewhere (other dtypes, no C compiler, no Triton, or ``HBP_CUDA_SCAN=torch``), log-depth torch
+  ops: ``cumsum`` for ``K = I``, and Hillis–Steele with ``K``'s running products computed once per
+  backward for the others.
 """
 from __future__ import annotations
 
+import os
+import warnings
+from types import ModuleType
+
 import torch
 
-from . import native_scan
+from . import native_scan, triton_scan
+
+_broken_kernels: set[str] = set()  # kernels that failed to build here: warned once, not tried again
+
+
+def _kernel_for(c: torch.Tensor) -> ModuleType | None:
+    """The compiled scan for tensors like ``c``: the C kernel on the CPU, Triton on CUDA, else None."""
+    if native_scan.available(c):
+        return native_scan
+    if (os.environ.get("HBP_CUDA_SCAN", "triton") != "torch" and "triton" not in _broken_kernels
+            and triton_scan.available(c)):
+        return triton_scan
+    return None
+
+
+def _run_kernel(kernel: ModuleType, *args, **kwargs) -> bool:
+    """Run ``kernel.reverse_scan_into``; a Triton kernel that does not build here is reported once and
+    the scans go on in torch ops (False)."""
+    if kernel is native_scan:
+        kernel.reverse_scan_into(*args, **kwargs)
+        return True
+    try:
+        kernel.reverse_scan_into(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - Triton raises many kinds; each means "not here"
+        _broken_kernels.add("triton")
+        warnings.warn(f"hbp_compile: the Triton scan kernel failed ({type(err).__name__}: {err}); the residual "
+                      f"scans use torch ops from now on (same values, more launches and memory). "
+                      f"Set HBP_CUDA_SCAN=torch to skip the kernel.", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 def reverse_cumsum(c: torch.Tensor) -> torch.Tensor:
@@ -56,12 +92,13 @@ class ResidualScan:
         self._products: list[torch.Tensor] | None = None  # Hillis–Steele levels, made on first use
 
     def __call__(self, c: torch.Tensor, v: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self._native(c):
+        kernel = self._kernel(c)
+        if kernel is not None:
             c = c.contiguous()
             v = None if v is None else v.contiguous()
-            out = torch.empty_like(c) if out is None else out
-            native_scan.reverse_scan_into(out, c, v, self._dense_k(c))
-            return out
+            target = torch.empty_like(c) if out is None or not out.is_contiguous() else out
+            if _run_kernel(kernel, target, c, v, self._dense_k(c)):
+                return target if out is None or target is out else out.copy_(target)
         if v is not None:
             c = c.clone()
             c[: v.shape[0]] += v
@@ -87,10 +124,12 @@ class ResidualScan:
         given_last = hi < self.n
         rows = w[lo: hi + 1] if given_last else w[lo: hi]
         k = self.k
-        if self._native(w):
-            k = self._dense_k(w)
-            native_scan.reverse_scan_into(rows, rows, None, k[lo:] if isinstance(k, torch.Tensor) else k, given_last)
-            return
+        kernel = self._kernel(w)
+        if kernel is not None and rows.is_contiguous():
+            dense = self._dense_k(w)
+            if _run_kernel(kernel, rows, rows, None, dense[lo:] if isinstance(dense, torch.Tensor) else dense,
+                           given_last):
+                return
         for i in range(hi - 1, lo - 1, -1):
             if i + 1 >= self.n:
                 continue  # the last row: no w above it
@@ -101,10 +140,11 @@ class ResidualScan:
             else:
                 w[i] += k * w[i + 1]
 
-    def _native(self, c: torch.Tensor) -> bool:
-        """Can the C kernel scan ``c`` with this K (``c``'s dtype, or a bool mask)?"""
-        return native_scan.available(c) and (not isinstance(self.k, torch.Tensor)
-                                             or self.k.dtype in (c.dtype, torch.bool))
+    def _kernel(self, c: torch.Tensor) -> ModuleType | None:
+        """The compiled kernel that scans ``c`` with this K (``c``'s dtype, or a bool mask), if any."""
+        if isinstance(self.k, torch.Tensor) and self.k.dtype not in (c.dtype, torch.bool):
+            return None
+        return _kernel_for(c)
 
     def held(self) -> list[torch.Tensor]:
         """The tensors the scan keeps between calls: its K and, off the native path, the products."""
