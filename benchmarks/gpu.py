@@ -175,7 +175,63 @@ def run_case(case: Case, device: torch.device, ks: list[int], repeats: int, dead
     return result
 
 
-def render(results: list[Result], device_name: str, smoke: bool, command: str) -> str:
+# (name, rows n, row shape, K): the scans the workloads above run, once per Highway-BP iteration
+SCAN_SHAPES = [
+    ("GRU T=256 (d=64, B=32), diagonal K", 257, (32, 64), "diagonal"),
+    ("GRU T=1024 (d=64, B=32), diagonal K", 1025, (32, 64), "diagonal"),
+    ("64-layer stack (d=32, B=8), K = I", 65, (8, 32), "identity"),
+    ("ResNet 8 blocks (c=32, 16x16, B=16), ReLU's 0/1 K", 9, (16, 32, 16, 16), "mask"),
+]
+SMOKE_SCAN_SHAPES = [("T=64, diagonal K", 65, (2, 8), "diagonal"), ("8 layers, 0/1 K", 9, (2, 4, 8, 8), "mask")]
+
+
+def time_scans(device: torch.device, smoke: bool, repeats: int) -> list[str]:
+    """One residual scan (with an iteration's block VJPs added on the way): the compiled kernel the
+    engine picks here (Triton on CUDA, C on the CPU) against the torch-ops scan (``HBP_SCAN=torch``)."""
+    from hbp_compile.engine.scans import ResidualScan, _kernel_for
+
+    lines = ["## One residual scan: the compiled kernel against torch ops", "",
+             "| scan | kernel | kernel ms | torch ops ms | torch ops / kernel | max abs difference |", "|---|---|---|---|---|---|"]
+    for name, n, shape, kind in SMOKE_SCAN_SHAPES if smoke else SCAN_SHAPES:
+        g = torch.Generator(device=device).manual_seed(0)
+        c = torch.randn(n, *shape, device=device, generator=g)
+        v = torch.randn(n - 1, *shape, device=device, generator=g)
+        k = {"identity": None, "diagonal": torch.rand(n - 1, *shape, device=device, generator=g),
+             "mask": torch.rand(n - 1, *shape, device=device, generator=g) > 0.5}[kind]
+        kernel = _kernel_for(c)
+        label = {None: "none: torch ops"}.get(kernel) or {"native_scan": "C", "triton_scan": "Triton"}.get(
+            kernel.__name__.rsplit(".", 1)[-1], kernel.__name__)
+        scans = {"kernel": ResidualScan(k, n), "torch": ResidualScan(k, n)}
+        outs: dict[str, torch.Tensor] = {}
+        times: dict[str, list[float]] = {"kernel": [], "torch": []}
+
+        def run(which: str) -> None:
+            previous = os.environ.pop("HBP_SCAN", None)
+            if which == "torch":
+                os.environ["HBP_SCAN"] = "torch"
+            try:
+                _sync(device)
+                start = time.perf_counter()
+                outs[which] = scans[which](c, v)
+                _sync(device)
+                times[which].append(time.perf_counter() - start)
+            finally:
+                os.environ.pop("HBP_SCAN", None)
+                if previous is not None:
+                    os.environ["HBP_SCAN"] = previous
+
+        for which in times:  # warm-up: builds the kernel, the torch scan's products
+            run(which)
+            times[which].clear()
+        interleaved_rounds({which: (lambda w=which: run(w)) for which in times}, repeats)
+        ms = {which: statistics.median(ts) * 1e3 for which, ts in times.items()}
+        diff = float((outs["kernel"] - outs["torch"]).abs().max())
+        lines.append(f"| {name} | {label} | {ms['kernel']:.3f} | {ms['torch']:.3f} | {ms['torch'] / ms['kernel']:.2f}× | "
+                     f"{diff:.1e} |")
+    return lines + [""]
+
+
+def render(results: list[Result], device_name: str, smoke: bool, command: str, scans: list[str] = ()) -> str:
     today = datetime.date.today().isoformat()
     lines = [
         "# Benchmarks on a GPU",
@@ -203,7 +259,7 @@ def render(results: list[Result], device_name: str, smoke: bool, command: str) -
             lines.append(f"\nThe paper's Table 6 ratio HBP k=3 / backprop for this shape of workload: "
                          f"{PAPER_K3_RATIO[res.case]:.2f}× (its own model sizes and GPU).")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join([*lines, *scans])
 
 
 def main() -> None:
@@ -223,17 +279,19 @@ def main() -> None:
         raise SystemExit("benchmarks.gpu: no CUDA device; run with --smoke for the CPU code path")
     deadline = time.perf_counter() + args.budget_s
     command = "python -m benchmarks.gpu" + (" --smoke" if args.smoke else "")
+    scans = time_scans(device, args.smoke, max(args.repeats, 15))
+    print("\n".join(scans), flush=True)
     results = []
     for case in cases(args.smoke):
         if args.only and not any(word in case.name for word in args.only):
             continue
         results.append(run_case(case, device, args.k, args.repeats, deadline))
-        text = render(results, name, args.smoke, command)
+        text = render(results, name, args.smoke, command, scans)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)  # after every workload: a run cut short keeps what it measured
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], Path(args.out).name).write_text(text)
-        print(text.split("\n## ")[-1], flush=True)
+        print(render(results, name, args.smoke, command).split("\n## ")[-1], flush=True)
 
 
 if __name__ == "__main__":

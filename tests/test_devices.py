@@ -8,6 +8,7 @@ pass creates must live on the model's device: a CPU tensor reaching a CUDA op ra
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -179,3 +180,32 @@ def test_autocast_bfloat16_matches_autocast_backprop(device):
     out.float().backward()
     assert torch.allclose(out.float(), want_out.float(), rtol=1e-2, atol=1e-2)
     assert max_relative_error({n: p.grad for n, p in model.named_parameters()}, want) < 2e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", ["identity", "scalar", "diagonal", "mask"])
+def test_residual_scan_matches_the_loop(device, dtype, tol, kind):
+    """The scan the engine runs on this device (on CUDA: the Triton kernel, engine/triton_scan.py),
+    whole and a few rows at a time, against the Python loop; several tiles of rows, several bands
+    of columns."""
+    from hbp_compile.engine.scans import ResidualScan, _kernel_for
+
+    from .test_triton_scan import _loop
+
+    n, shape = 70, (40, 9)
+    g = torch.Generator(device=device).manual_seed(0)
+    c = torch.randn(n, *shape, dtype=dtype, device=device, generator=g)
+    v = torch.randn(n - 5, *shape, dtype=dtype, device=device, generator=g)
+    k = {"identity": None, "scalar": 0.8, "diagonal": torch.rand(n - 1, *shape, dtype=dtype, device=device, generator=g),
+         "mask": torch.rand(n - 1, *shape, device=device, generator=g) > 0.5}[kind]
+    if device == "cuda" and importlib.util.find_spec("triton"):
+        assert _kernel_for(c).__name__.endswith("triton_scan")
+    scan = ResidualScan(k, n)
+    want = _loop(c, v, k, False, c)
+    assert max_relative_error({"w": scan(c, v)}, {"w": want}) < tol
+    rows = c.clone()
+    rows[: v.shape[0]] += v
+    for lo, hi in [(40, 70), (3, 40), (0, 3)]:  # top down, each part given the row above it
+        scan.scan_rows(rows, lo, hi)
+    assert max_relative_error({"w": rows}, {"w": want}) < tol

@@ -9,7 +9,7 @@ Highway-BP iteration:
   the way, and keeps nothing between calls;
 * on CUDA, one Triton kernel (``engine/triton_scan.py``) with the same operands: O(n) work in
   tiles scanned in parallel, nothing kept;
-* elsewhere (other dtypes, no C compiler, no Triton, or ``HBP_CUDA_SCAN=torch``), log-depth torch
+* elsewhere (other dtypes, no C compiler, no Triton, or ``HBP_SCAN=torch``), log-depth torch
   ops: ``cumsum`` for ``K = I``, and Hillis–Steele with ``K``'s running products computed once per
   backward for the others.
 """
@@ -28,10 +28,11 @@ _broken_kernels: set[str] = set()  # kernels that failed to build here: warned o
 
 def _kernel_for(c: torch.Tensor) -> ModuleType | None:
     """The compiled scan for tensors like ``c``: the C kernel on the CPU, Triton on CUDA, else None."""
+    if os.environ.get("HBP_SCAN") == "torch":
+        return None
     if native_scan.available(c):
         return native_scan
-    if (os.environ.get("HBP_CUDA_SCAN", "triton") != "torch" and "triton" not in _broken_kernels
-            and triton_scan.available(c)):
+    if "triton" not in _broken_kernels and triton_scan.available(c):
         return triton_scan
     return None
 
@@ -48,7 +49,7 @@ def _run_kernel(kernel: ModuleType, *args, **kwargs) -> bool:
         _broken_kernels.add("triton")
         warnings.warn(f"hbp_compile: the Triton scan kernel failed ({type(err).__name__}: {err}); the residual "
                       f"scans use torch ops from now on (same values, more launches and memory). "
-                      f"Set HBP_CUDA_SCAN=torch to skip the kernel.", RuntimeWarning, stacklevel=3)
+                      f"Set HBP_SCAN=torch to skip the kernel.", RuntimeWarning, stacklevel=3)
         return False
     return True
 
