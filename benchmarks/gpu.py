@@ -17,6 +17,7 @@ import argparse
 import datetime
 import os
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -231,12 +232,26 @@ def time_scans(device: torch.device, smoke: bool, repeats: int) -> list[str]:
     return lines + [""]
 
 
+def _commit() -> str:
+    """The checkout's commit (and whether it has changes): what the numbers were measured on."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + (" with local changes" if dirty else "")) if head else "unknown"
+
+
 def render(results: list[Result], device_name: str, smoke: bool, command: str, scans: list[str] = ()) -> str:
     today = datetime.date.today().isoformat()
     lines = [
         "# Benchmarks on a GPU",
         "",
-        f"Written by `{command}` on {today}, device: **{device_name}**" + (" (smoke run: tiny sizes)" if smoke else "") + ".",
+        f"Written by `{command}` on {today}, device: **{device_name}**" + (" (smoke run: tiny sizes)" if smoke else "") +
+        f", torch {torch.__version__}, commit `{_commit()}`.",
         "",
         "Per workload, one process; methods interleaved in an order shuffled every round, median training step (forward + loss + backward) "
         "with min–max; peak = memory allocated during the step beyond what was live before it; cosine = "
