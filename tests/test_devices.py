@@ -138,21 +138,10 @@ def test_pipelined_chunks_on_stacked_states(monkeypatch, device, build, recomput
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_draws_replayed_on_device(device):
     """The backward replays the forward's draws from the device's generator."""
-    from .test_dropout import DropoutMLP
+    from .test_dropout import DropoutMLP, assert_draws_replayed
 
     model = make(Stack([DropoutMLP(6, 12) for _ in range(4)], 3, 6, 2)).train().to(device)
-    x = torch.randn(5, 3, dtype=torch.float64, device=device)
-    torch.manual_seed(123)
-    want_out = model(x)
-    want_out.backward()
-    want = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    compiled = hbp_compile(model, k=4, backend="eager")
-    torch.manual_seed(123)
-    out = compiled(x)
-    assert torch.equal(out, want_out)
-    out.backward()
-    assert max_relative_error({n: p.grad for n, p in model.named_parameters()}, want) < 1e-8
+    assert_draws_replayed(model, torch.randn(5, 3, dtype=torch.float64, device=device))
 
 
 @pytest.mark.parametrize("device", DEVICES)

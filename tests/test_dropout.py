@@ -27,29 +27,34 @@ class DropoutMLP(PreLNMLP):
                          self.training)
 
 
-@pytest.mark.parametrize("block", [DropoutMLP, RandLikeMLP], ids=["F.dropout", "rand_like"])
-def test_dropout_forward_identical_and_exact_at_k_ge_depth(block):
-    model = make(Stack([block(6, 12) for _ in range(4)], 3, 6, 2)).train()
-    x = torch.randn(5, 3, dtype=torch.float64)
-    assert explain(model, x).num_layers == 4
+def assert_draws_replayed(model, x) -> None:
+    """The compiled model draws the masks the model draws (same seed, same output), its backward
+    replays them (exact at k >= L), and the random stream is left where the model leaves it."""
     torch.manual_seed(123)
     want_out = model(x)
     want_out.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    compiled = hbp_compile(model, k=4, backend="eager")
+    compiled = hbp_compile(model, k=len(model.layers), backend="eager")
     torch.manual_seed(123)
     out = compiled(x)
     assert torch.equal(out, want_out), "same seed must give the same dropout masks and output"
     out.backward()
     assert max_relative_error({n: p.grad for n, p in model.named_parameters()}, want) < 1e-8
-    # the stream of random numbers after the step is where the original model leaves it
     torch.manual_seed(123)
     model(x)
-    after_original = torch.rand(3)
+    after_original = torch.rand(3, device=x.device)
     torch.manual_seed(123)
     compiled(x)
-    assert torch.equal(torch.rand(3), after_original)
+    assert torch.equal(torch.rand(3, device=x.device), after_original)
+
+
+@pytest.mark.parametrize("block", [DropoutMLP, RandLikeMLP], ids=["F.dropout", "rand_like"])
+def test_dropout_forward_identical_and_exact_at_k_ge_depth(block):
+    model = make(Stack([block(6, 12) for _ in range(4)], 3, 6, 2)).train()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert explain(model, x).num_layers == 4
+    assert_draws_replayed(model, x)
 
 
 def test_eval_mode_has_no_draws():

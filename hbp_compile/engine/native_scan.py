@@ -112,6 +112,22 @@ def available(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in _FUNCTIONS and _library() is not None
 
 
+def scan_operands(out: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None,
+                  k: torch.Tensor | float | None) -> tuple[int, int, int]:
+    """Check a scan's operands (the contract of ``reverse_scan_into``, shared by the Triton kernel's)
+    and return its rows, the elements per row and K's mode (0 identity, 1 scalar, 2 tensor, 3 mask)."""
+    n = c.shape[0]
+    m = c.numel() // n if n else 0
+    mask = isinstance(k, torch.Tensor) and k.dtype == torch.bool
+    for t in (out, c, v, k):
+        if isinstance(t, torch.Tensor):
+            assert t.is_contiguous() and (t.dtype == c.dtype or t is k and mask), \
+                "reverse_scan_into: contiguous tensors of one dtype (K may be a bool mask)"
+    if isinstance(k, torch.Tensor):
+        assert k.numel() >= (n - 1) * m, "reverse_scan_into: k needs n - 1 rows shaped as c's"
+    return n, m, 0 if k is None else 1 if not isinstance(k, torch.Tensor) else 3 if mask else 2
+
+
 def reverse_scan_into(out: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None, k: torch.Tensor | float | None,
                       given_last: bool = False) -> None:
     """``out_t = c_t + v_t + K_t · out_{t+1}`` along dim 0, written into ``out`` (which may be ``c``).
@@ -129,16 +145,7 @@ def reverse_scan_into(out: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None
     >>> reverse_scan_into(out, c, None, torch.tensor([True, False])); out
     tensor([2., 1., 1.])
     """
-    n = c.shape[0]
-    m = c.numel() // n if n else 0
-    mask = isinstance(k, torch.Tensor) and k.dtype == torch.bool
-    for t in (out, c, v, k):
-        if isinstance(t, torch.Tensor):
-            assert t.is_contiguous() and (t.dtype == c.dtype or t is k and mask), \
-                "reverse_scan_into: contiguous tensors of one dtype (K may be a bool mask)"
-    if isinstance(k, torch.Tensor):
-        assert k.numel() >= (n - 1) * m, "reverse_scan_into: k needs n - 1 rows shaped as c's"
-    mode = 0 if k is None else 1 if not isinstance(k, torch.Tensor) else 3 if mask else 2
+    n, m, mode = scan_operands(out, c, v, k)
     fn = getattr(_library(), _FUNCTIONS[c.dtype])
     fn(c.data_ptr(), v.data_ptr() if v is not None else None, v.shape[0] if v is not None else 0,
        k.data_ptr() if mode == 2 else None, k.data_ptr() if mode == 3 else None,

@@ -20,6 +20,8 @@ from types import ModuleType
 
 import torch
 
+from .native_scan import scan_operands
+
 BLOCK_N = 32  # rows per tile: the rows a program scans in parallel
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -58,18 +60,9 @@ def reverse_scan_into(out: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None
     tensor of ``n - 1`` rows shaped as ``c``'s, of ``c``'s dtype or bool; ``v`` at most ``n`` rows;
     ``given_last``: ``out``'s last row is final already and only read. Half types are added in float32.
     """
-    n = c.shape[0]
-    cols = c.numel() // n if n else 0
+    n, cols, mode = scan_operands(out, c, v, k)
     if n == 0 or cols == 0:
         return
-    mask = isinstance(k, torch.Tensor) and k.dtype == torch.bool
-    for t in (out, c, v, k):
-        if isinstance(t, torch.Tensor):
-            assert t.is_contiguous() and (t.dtype == c.dtype or t is k and mask), \
-                "reverse_scan_into: contiguous tensors of one dtype (K may be a bool mask)"
-    if isinstance(k, torch.Tensor):
-        assert k.numel() >= (n - 1) * cols, "reverse_scan_into: k needs n - 1 rows shaped as c's"
-    mode = 0 if k is None else 1 if not isinstance(k, torch.Tensor) else 3 if mask else 2
     if mode == 1:  # a tensor, not a kernel argument: Triton passes floats as float32
         k = torch.full((1,), float(k), dtype=c.dtype, device=c.device)
     elif mode == 3:
