@@ -29,9 +29,9 @@ from .test_chunk import _relu_stack, _two_stages_tapped
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _triton_or_skip():
+def _triton_or_skip(interpreter: bool = True):
     triton = pytest.importorskip("triton")
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+    if interpreter and tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
         pytest.skip("Triton's interpreter before 3.9 fails on numpy 2's scalars")
 
 
@@ -43,6 +43,36 @@ def test_the_kernel_in_triton_s_interpreter():
                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "1 skipped" in run.stdout, run.stdout[-2000:]  # all but this one ran
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles, not interprets")
+@pytest.mark.parametrize("arch", [80, 90])  # A100; H100 and H200
+def test_the_kernel_compiles_for_nvidia_gpus_without_one(arch):
+    """Triton compiles ahead of time to a GPU's machine code with the ptxas it ships, no GPU needed:
+    every K mode, both dtypes' accumulators, with and without v and a given last row."""
+    _triton_or_skip(interpreter=False)
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hbp_compile.engine import _triton_scan_kernel
+
+    variants = [("fp64", tl.float64, 2, "fp64", True, True), ("fp32", tl.float32, 3, "u8", True, False),
+                ("bf16", tl.float32, 1, "bf16", False, True), ("fp32", tl.float32, 0, "fp32", False, False)]
+    for dtype, acc, mode, k_dtype, has_v, given_last in variants:
+        signature = {"out": f"*{dtype}", "c": f"*{dtype}", "v": f"*{dtype}", "k": f"*{k_dtype}", "rows": "i32",
+                     "cols": "i32", "v_rows": "i32", "k_rows": "i32", **dict.fromkeys(
+                         ["MODE", "HAS_V", "GIVEN_LAST", "ACC", "BLOCK_N", "BLOCK_F"], "constexpr")}
+        constants = {"MODE": mode, "HAS_V": has_v, "GIVEN_LAST": given_last, "ACC": acc, "BLOCK_N": 32, "BLOCK_F": 32}
+        try:
+            compiled = triton.compile(ASTSource(_triton_scan_kernel.reverse_scan_kernel, signature, constants),
+                                      target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": False})
+        except RuntimeError as err:
+            if "ptxas" in str(err).lower() and "not found" in str(err).lower():
+                pytest.skip(f"this Triton has no ptxas: {err}")
+            raise
+        assert "reverse_scan_kernel" in compiled.asm["ptx"]
 
 
 @pytest.fixture

@@ -74,4 +74,5 @@ def reverse_scan_into(out: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None
     kernels.reverse_scan_kernel[(-(-cols // block_f),)](
         out, c, v if v is not None else c, k if k is not None else c,
         n - 1 if given_last else n, cols, v.shape[0] if v is not None else 0, n - 1,
-        MODE=mode, HAS_V=v is not None, GIVEN_LAST=given_last, ACC=acc, BLOCK_N=BLOCK_N, BLOCK_F=block_f)
+        MODE=mode, HAS_V=v is not None, GIVEN_LAST=given_last, ACC=acc, BLOCK_N=BLOCK_N, BLOCK_F=block_f,
+        enable_fp_fusion=False)  # each operation rounded as torch rounds it, as the C kernel does
