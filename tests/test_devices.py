@@ -31,7 +31,8 @@ TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
 @pytest.fixture(autouse=True)
 def _scans_as_on_cuda(monkeypatch, request):
     """The C scan is CPU-only: a CPU run of this file takes CUDA's torch-ops scans instead."""
-    if request.node.callspec.params.get("device") == "cpu":
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("device") == "cpu":
         from hbp_compile.engine import native_scan
 
         monkeypatch.setattr(native_scan, "available", lambda t: False)
