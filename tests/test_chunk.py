@@ -105,6 +105,18 @@ def _two_stages_tapped() -> Stack:
     return stack
 
 
+def record_pipelined_runs(monkeypatch) -> list[int]:
+    """Keep every run's states in one stack (as large states are, so the VJPs read views of it) and
+    record the runs the pipelined iterations scan (engine/pipelined.py)."""
+    from hbp_compile.engine import highway, layout
+
+    monkeypatch.setattr(layout, "STACK_STATE_MIN_BYTES", 0)
+    calls: list[int] = []
+    original = highway.pipelined_step
+    monkeypatch.setattr(highway, "pipelined_step", lambda *a: calls.append(a[0]) or original(*a))
+    return calls
+
+
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("build,chunk", [
     (lambda: mlp_stack(7), 3),                 # one group fills one run; chunks of 3, 3, 1
@@ -117,13 +129,7 @@ def test_pipelined_iterations_give_the_whole_run_estimate(monkeypatch, build, ch
     """When one chunked group fills a run, each iteration scans the run chunk by chunk as its VJPs come
     (engine/pipelined.py): the same Theorem-2 estimate at small k, autograd's gradients at k >= L.
     The states are kept in one stack (as large states are), so the VJPs read views of it."""
-    from hbp_compile.engine import highway, layout
-
-    monkeypatch.setattr(layout, "STACK_STATE_MIN_BYTES", 0)
-
-    calls = []
-    original = highway.pipelined_step
-    monkeypatch.setattr(highway, "pipelined_step", lambda *a: calls.append(a[0]) or original(*a))
+    calls = record_pipelined_runs(monkeypatch)
     model = make(build())
     x = torch.randn(2, 3, dtype=torch.float64)
     want = highway_reference_grads(model, x, k, gamma) if k < 100 else autograd_grads(model, x)[1]

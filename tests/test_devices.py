@@ -19,7 +19,7 @@ from hbp_compile import hbp_compile
 from .models import Gated, Stack, make, mlp_stack, transformer_stack
 from .recurrent_models import RecurrentLoss
 from .reference import autograd_grads, highway_reference_grads, max_relative_error
-from .test_chunk import _relu_stack, _two_stages_tapped
+from .test_chunk import _relu_stack, _two_stages_tapped, record_pipelined_runs
 
 # HBP_TEST_DEVICES=cpu runs this file on the CPU as well (with the C scan switched off, the scans
 # CUDA takes): a check of the tests themselves, and of a torch other than the pinned one, without a GPU
@@ -36,6 +36,7 @@ def _scans_as_on_cuda(monkeypatch, request):
         from hbp_compile.engine import native_scan
 
         monkeypatch.setattr(native_scan, "available", lambda t: False)
+
 
 CHAINS = {
     "mlp-L6": (lambda: mlp_stack(6, d=8, hidden=16), (4, 3)),
@@ -113,7 +114,6 @@ def test_hugging_face_gpt2_exact_at_k_ge_depth(device):
     assert max_relative_error(got, want) < 1e-4
 
 
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("build", [lambda: _relu_stack(6), _two_stages_tapped],
@@ -121,12 +121,7 @@ def test_hugging_face_gpt2_exact_at_k_ge_depth(device):
 def test_pipelined_chunks_on_stacked_states(monkeypatch, device, build, recompute):
     """One chunked group filling a run is scanned chunk by chunk (engine/pipelined.py), on states
     kept in one stack, with a ReLU's K kept as a bool mask: the CUDA scans take rows in place."""
-    from hbp_compile.engine import highway, layout
-
-    monkeypatch.setattr(layout, "STACK_STATE_MIN_BYTES", 0)
-    calls = []
-    original = highway.pipelined_step
-    monkeypatch.setattr(highway, "pipelined_step", lambda *a: calls.append(a[0]) or original(*a))
+    calls = record_pipelined_runs(monkeypatch)
     model = make(build()).to(device)
     x = torch.randn(2, 3, dtype=torch.float64, device=device)
     for k in (2, 100):
@@ -157,19 +152,9 @@ def test_auto_k_on_device(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_autocast_bfloat16_matches_autocast_backprop(device):
-    model = make(mlp_stack(3, d=8, hidden=16)).float().to(device)
-    x = torch.randn(4, 3, device=device)
-    with torch.autocast(device, dtype=torch.bfloat16):
-        want_out = model(x)
-    want_out.float().backward()
-    want = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    compiled = hbp_compile(model, k=3, backend="eager")
-    with torch.autocast(device, dtype=torch.bfloat16):
-        out = compiled(x)
-    out.float().backward()
-    assert torch.allclose(out.float(), want_out.float(), rtol=1e-2, atol=1e-2)
-    assert max_relative_error({n: p.grad for n, p in model.named_parameters()}, want) < 2e-2
+    from .test_robustness import assert_autocast_bfloat16_matches_backprop
+
+    assert_autocast_bfloat16_matches_backprop(device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -97,20 +97,24 @@ def test_changing_input_shapes_recompile_and_stay_exact(shapes):
         assert max_relative_error({n: p.grad for n, p in model.named_parameters()}, want) < 1e-8
 
 
-def test_autocast_bfloat16_on_cpu_matches_autocast_backprop():
-    model = make(mlp_stack(3, d=8, hidden=16)).float()
-    x = torch.randn(4, 3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def assert_autocast_bfloat16_matches_backprop(device: str) -> None:
+    model = make(mlp_stack(3, d=8, hidden=16)).float().to(device)
+    x = torch.randn(4, 3, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         want_out = model(x)
     want_out.float().backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     compiled = hbp_compile(model, k=3, backend="eager")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = compiled(x)
     out.float().backward()
     assert torch.allclose(out.float(), want_out.float(), rtol=1e-2, atol=1e-2)
     assert max_relative_error({n: p.grad for n, p in model.named_parameters()}, want) < 2e-2
+
+
+def test_autocast_bfloat16_on_cpu_matches_autocast_backprop():
+    assert_autocast_bfloat16_matches_backprop("cpu")
 
 
 def test_a_parent_module_round_trips_its_state_dict():

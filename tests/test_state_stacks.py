@@ -71,14 +71,10 @@ def test_models_written_by_others_stay_exact_with_stacked_states_and_pipelined_c
     and one layer per VJP call, so that a group filling a run is pipelined: the forward
     bit-identical, exact at k >= L."""
     pytest.importorskip("transformers")
-    from hbp_compile.engine import highway
-
     from . import zoo
+    from .test_chunk import record_pipelined_runs
 
-    calls = []
-    original = highway.pipelined_step
-    monkeypatch.setattr(highway, "pipelined_step", lambda *a: calls.append(a[0]) or original(*a))
-    monkeypatch.setattr(layout, "STACK_STATE_MIN_BYTES", 0)
+    calls = record_pipelined_runs(monkeypatch)
     monkeypatch.setattr(zoo, "hbp_compile", lambda model, **options: hbp_compile(model, chunk=1, **options))
     (entry,) = [e for e in zoo.ZOO if e.name == name]
     result = zoo.run(entry)

@@ -24,7 +24,7 @@ from hbp_compile import hbp_compile
 from .models import make, mlp_stack
 from .recurrent_models import RecurrentLoss
 from .reference import autograd_grads, highway_reference_grads, max_relative_error
-from .test_chunk import _relu_stack, _two_stages_tapped
+from .test_chunk import _relu_stack, _two_stages_tapped, record_pipelined_runs
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -156,9 +156,7 @@ def test_a_float64_scalar_k_is_not_rounded_to_float32(interpreted):
                                          (_two_stages_tapped, 2)], ids=["identity-K-taps", "relu-mask-pipelined",
                                                                         "two-runs-pipelined"])
 def test_chains_on_the_kernel(interpreted, monkeypatch, build, chunk, k):
-    from hbp_compile.engine import layout
-
-    monkeypatch.setattr(layout, "STACK_STATE_MIN_BYTES", 0)  # stacked states: pipelined rows are views
+    pipelined = record_pipelined_runs(monkeypatch)  # stacked states: pipelined rows are views
     model = make(build())
     x = torch.randn(2, 3, dtype=torch.float64)
     want = highway_reference_grads(model, x, k, 0.2) if k < 100 else autograd_grads(model, x)[1]
@@ -166,6 +164,7 @@ def test_chains_on_the_kernel(interpreted, monkeypatch, build, chunk, k):
     hbp_compile(model, k=k, gamma=0.2 if k < 100 else 0.0, chunk=chunk, backend="eager")(x).backward()
     assert max_relative_error({n: p.grad for n, p in model.named_parameters()}, want) < 1e-9
     assert interpreted  # the kernel scanned
+    assert bool(pipelined) == (chunk is not None)
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
@@ -187,7 +186,7 @@ def test_a_kernel_that_does_not_build_is_reported_and_torch_ops_scan(interpreted
     def broken(*args, **kwargs):
         raise RuntimeError("no PTX for this GPU")
 
-    monkeypatch.setattr(triton_scan, "reverse_scan_into", broken)
+    monkeypatch.setattr(triton_scan, "_launch", broken)
     model = make(mlp_stack(4))
     x = torch.randn(2, 3, dtype=torch.float64)
     compiled = hbp_compile(model, k=100, backend="eager")

@@ -63,9 +63,11 @@ def row_index(offsets: Sequence[int]) -> slice | list[int]:
     return list(offsets)
 
 
-def gather(per_run: Sequence[torch.Tensor], plan: Plan) -> torch.Tensor:
-    """The rows of ``plan``, in order (a view where they are one slice of one run)."""
-    pieces = [per_run[r][row_index(offsets)] for r, offsets in plan]
+def gather(per_run: Sequence[torch.Tensor | Sequence[torch.Tensor]], plan: Plan) -> torch.Tensor:
+    """The rows of ``plan``, in order (a view where they are one slice of one run's stack; a run may
+    also be given as a list of its rows, which are then stacked)."""
+    pieces = [held[row_index(offsets)] if isinstance(held, torch.Tensor) else torch.stack([held[o] for o in offsets])
+              for held, offsets in ((per_run[r], offsets) for r, offsets in plan)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
@@ -209,10 +211,7 @@ class StateStacks:
 
     def rows(self, plan: Plan) -> torch.Tensor:
         """The states of ``plan`` stacked: a view of one stack where they are consecutive rows of it."""
-        pieces = [held[row_index(offsets)] if isinstance(held, torch.Tensor)
-                  else torch.stack([held[o] for o in offsets])
-                  for held, offsets in ((self.per_run[r], offsets) for r, offsets in plan)]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return gather(self.per_run, plan)
 
     def saved(self) -> tuple[list[torch.Tensor], tuple[int, ...]]:
         """What the chain's forward saves for its backward (the stacks and separate states, then

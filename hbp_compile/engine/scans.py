@@ -38,18 +38,15 @@ def _kernel_for(c: torch.Tensor) -> ModuleType | None:
 
 
 def _run_kernel(kernel: ModuleType, *args, **kwargs) -> bool:
-    """Run ``kernel.reverse_scan_into``; a Triton kernel that does not build here is reported once and
-    the scans go on in torch ops (False)."""
-    if kernel is native_scan:
-        kernel.reverse_scan_into(*args, **kwargs)
-        return True
+    """Run ``kernel.reverse_scan_into``; a Triton kernel that cannot be built here is reported once
+    and the scans go on in torch ops (False). Anything else it raises (a broken contract) propagates."""
     try:
         kernel.reverse_scan_into(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - Triton raises many kinds; each means "not here"
+    except triton_scan.KernelUnavailable as err:
         _broken_kernels.add("triton")
-        warnings.warn(f"hbp_compile: the Triton scan kernel failed ({type(err).__name__}: {err}); the residual "
-                      f"scans use torch ops from now on (same values, more launches and memory). "
-                      f"Set HBP_SCAN=torch to skip the kernel.", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"hbp_compile: the Triton scan kernel failed ({err}); the residual scans use torch ops "
+                      f"from now on (same values, more launches and memory). Set HBP_SCAN=torch to skip the "
+                      f"kernel.", RuntimeWarning, stacklevel=3)
         return False
     return True
 

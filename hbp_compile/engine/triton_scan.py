@@ -52,6 +52,17 @@ def _block_f(cols: int) -> int:
     return 32 if cols <= 32 * 512 else 128
 
 
+class KernelUnavailable(RuntimeError):
+    """The kernel could not be built or launched here (``engine/scans.py`` then scans with torch ops)."""
+
+
+@functools.lru_cache(maxsize=16)
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # a scalar K read from a tensor of c's dtype (Triton passes float arguments as float32), made once
+    # per value rather than once per scan
+    return torch.full((1,), value, dtype=dtype, device=device)
+
+
 def reverse_scan_into(out: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None, k: torch.Tensor | float | None,
                       given_last: bool = False) -> None:
     """``out_t = c_t + v_t + K_t · out_{t+1}`` along dim 0, written into ``out`` (which may be ``c``).
@@ -59,14 +70,23 @@ def reverse_scan_into(out: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None
     The contract of ``native_scan.reverse_scan_into``: ``k`` None (K = I), a float, or a contiguous
     tensor of ``n - 1`` rows shaped as ``c``'s, of ``c``'s dtype or bool; ``v`` at most ``n`` rows;
     ``given_last``: ``out``'s last row is final already and only read. Half types are added in float32.
+    Raises ``KernelUnavailable`` when Triton cannot build or launch the kernel here.
     """
     n, cols, mode = scan_operands(out, c, v, k)
     if n == 0 or cols == 0:
         return
-    if mode == 1:  # a tensor, not a kernel argument: Triton passes floats as float32
-        k = torch.full((1,), float(k), dtype=c.dtype, device=c.device)
+    if mode == 1:
+        k = _scalar(float(k), c.dtype, c.device)
     elif mode == 3:
         k = k.view(torch.uint8)
+    try:
+        _launch(out, c, v, k, n, cols, mode, given_last)
+    except Exception as err:  # noqa: BLE001 - Triton's compiler and launcher raise many kinds
+        raise KernelUnavailable(f"{type(err).__name__}: {err}") from err
+
+
+def _launch(out: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None, k: torch.Tensor | None, n: int, cols: int,
+            mode: int, given_last: bool) -> None:
     kernels = _kernels()
     tl = kernels.tl
     acc = tl.float64 if c.dtype == torch.float64 else tl.float32
