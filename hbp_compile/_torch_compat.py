@@ -13,6 +13,8 @@ from torch.fx.experimental.proxy_tensor import make_fx  # noqa: F401
 from torch.fx.experimental.symbolic_shapes import is_concrete_int  # noqa: F401
 from torch.fx.traceback import preserve_node_meta  # noqa: F401
 from torch._functorch.partitioners import default_partition  # noqa: F401
+# the layer norm backward in plain aten ops, each input cast to the computation dtype (engine/saved.py)
+from torch._decomp.decompositions import native_layer_norm_backward as layer_norm_backward_in_aten_ops  # noqa: F401
 from torch._dynamo.exc import FailOnRecompileLimitHit as RecompileLimitHit  # noqa: F401
 # what torch.compile returns for a module; the ecosystem (accelerate's unwrap_model, the Hugging Face
 # Trainer's save_model, Lightning's from_compiled) recognizes compiled models by this class
@@ -72,6 +74,7 @@ def outside_dynamo_tracing():
 
 __all__ = [
     "default_partition",
+    "layer_norm_backward_in_aten_ops",
     "FakeTensorMode",
     "capturing_rnns",
     "RecompileLimitHit",

@@ -215,7 +215,7 @@ class HbpBackend:
         if check_forward:
             with _stage(Fallback.DRY_RUN_FAILED):
                 # compiled layer functions round differently from eager: equal up to rounding is the check
-                mismatch = forward_mismatch(gm.forward, record.rewritten.forward, example_inputs,
+                mismatch = forward_mismatch(gm.forward, compile_rewritten(record.rewritten, "eager"), example_inputs,
                                             exact=o.backend == "eager")
             if mismatch:
                 raise _StageFailed(Fallback.FORWARD_MISMATCH, mismatch)

@@ -18,6 +18,7 @@ eager, which would happen to a shared one (``vmap``'s wrapper) after a few group
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import types
 import warnings
@@ -30,6 +31,25 @@ import torch.fx as fx
 INDUCTOR_OPTIONS = {"fallback_random": True}
 
 _fresh_ids = itertools.count()
+
+
+def without_autocast() -> contextlib.AbstractContextManager:
+    """Autocast off (CPU, and CUDA where present) while the pass's own graphs run or are traced.
+
+    The aten graphs hold autocast's decisions as explicit casts (a float32 region the model computed
+    with autocast disabled, Llama's rotary embedding, stays float32 there); running or tracing them
+    under the user's ``torch.autocast`` would apply it a second time, on a graph that already has it.
+
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16), without_autocast():
+    ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+    torch.float32
+    """
+    stack = contextlib.ExitStack()
+    if torch.is_autocast_enabled("cpu"):
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available() and torch.is_autocast_enabled("cuda"):
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
 
 
 def fresh_function(fn: Callable[..., Any], name: str = "hbp_fn") -> Callable[..., Any]:
@@ -68,7 +88,8 @@ class GraphKernel:
     ``GraphModule``, or any function, traced to one by ``make_fx`` on the actual inputs) is compiled
     by Inductor on the first call, once per signature (shapes, strides, dtypes, devices,
     requires_grad) of the tensors it is called with; every later call is a dict lookup and the
-    artifact. The graph runs as traced: outputs that would be ``None`` are not allowed.
+    artifact. The graph runs as traced: outputs that would be ``None`` are not allowed. The graphs are
+    functional (no op mutates), so their views are compiled as reshapes (``views_as_reshapes``).
 
     >>> g = torch.fx.symbolic_trace(lambda x: x * 2)
     >>> GraphKernel(g, "eager")(torch.ones(2))
@@ -98,10 +119,10 @@ class GraphKernel:
             # original may be shared (the dumps, the eager backend)
             graph = fx.Graph()
             graph.output(graph.graph_copy(self.fn.graph, {}))
-            gm = fx.GraphModule(self.fn, graph)
+            gm = views_as_reshapes(fx.GraphModule(self.fn, graph))
         else:
             with outside_dynamo_tracing():
-                gm = make_fx(self.fn)(*args)
+                gm = views_as_reshapes(make_fx(self.fn)(*args))
         with warnings.catch_warnings():  # compile time only: Inductor reads `.grad` of non-leaf inputs
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
             return inductor_compile_graph(gm, args, INDUCTOR_OPTIONS)
@@ -148,6 +169,49 @@ def without_inductor_conv_bug(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+# view ops that are views for any strides; ``view`` needs compatible strides, and under vmap a
+# batched value's strides may not be (GPT-2's attention backward on CUDA), so ``view`` and
+# ``view_copy`` become ``reshape``, which copies only when it must
+_ALWAYS_VIEWS = frozenset({"t", "transpose", "permute", "expand", "slice", "select", "unsqueeze", "squeeze",
+                           "alias", "detach", "unbind", "split", "split_with_sizes", "diagonal", "narrow"})
+
+
+def views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` (changed in place and returned) with ``view`` as ``reshape`` and ``*_copy`` ops as views.
+
+    Functionalization writes views as ``*_copy`` ops (``t_copy``, ``view_copy``), which vmap has no
+    batching rule for (a slow per-layer fallback). And a ``view`` decided on one tensor's strides may
+    not apply to another's: a graph traced through vmap on real tensors, then retraced by Inductor on
+    fake ones whose strides differ (an ``expand`` in GPT-2's attention with a KV cache, or under
+    autocast), failed with "Cannot view a tensor". In these functional graphs nothing is mutated, so
+    the view itself (``reshape`` for ``view``, which copies only when it must) computes the same values.
+
+    >>> g = torch.fx.symbolic_trace(lambda x: torch.ops.aten.view.default(x, [4]))
+    >>> views_as_reshapes(g)(torch.ones(2, 2).t()).shape
+    torch.Size([4])
+    """
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not hasattr(target, "overloadpacket") or target.namespace != "aten":
+            continue
+        packet = target.overloadpacket.__name__
+        if target in (torch.ops.aten.view_copy.default, torch.ops.aten.view.default,
+                      torch.ops.aten._unsafe_view.default):
+            if not any(_writes(user) for user in node.users):  # a view written through stays a view
+                node.target = torch.ops.aten.reshape.default
+        elif packet.endswith("_copy") and packet[: -len("_copy")] in _ALWAYS_VIEWS:
+            view = getattr(torch.ops.aten, packet[: -len("_copy")])
+            if hasattr(view, target._overloadname):
+                node.target = getattr(view, target._overloadname)
+    gm.recompile()
+    return gm
+
+
+def _writes(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
 @torch.compiler.disable
 def _run_opaque(target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     # A graph break: dynamo runs this call as it is, between two compiled graphs.
@@ -158,7 +222,7 @@ def compile_rewritten(gm: fx.GraphModule, backend: str) -> Callable[..., Any]:
     """The forward of the rewritten aten graph ``gm``, with everything outside the chains and the
     recurrences compiled by Inductor. ``gm`` itself is left as it is (the dumps print it)."""
     if backend == "eager":
-        return gm.forward
+        return _autocast_off(gm.forward)
     safe = without_inductor_conv_bug(gm)
     for node in safe.graph.nodes:
         # ChainModule.forward is a graph break already; the recurrence custom op is one node that
@@ -168,5 +232,13 @@ def compile_rewritten(gm: fx.GraphModule, backend: str) -> Callable[..., Any]:
             node.target = _run_opaque
     safe.recompile()
     # resumed after a chain's graph break with its outputs, which are not leaves
-    return _without_grad_attribute_warning(torch.compile(
-        fresh_function(safe, "hbp_graph"), backend="inductor", dynamic=False, options=INDUCTOR_OPTIONS))
+    return _autocast_off(_without_grad_attribute_warning(torch.compile(
+        fresh_function(safe, "hbp_graph"), backend="inductor", dynamic=False, options=INDUCTOR_OPTIONS)))
+
+
+def _autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        with without_autocast():
+            return fn(*args)
+
+    return run

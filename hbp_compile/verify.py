@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .compile import without_autocast
 from .detect.ops import is_mutating, is_random
 
 
@@ -110,7 +111,7 @@ def peak_bytes(step: Callable[[], None], device: str) -> int | None:
 def _step(gm: fx.GraphModule, inputs: Sequence[object], args: Sequence[object] | None = None) -> None:
     with torch.random.fork_rng(devices=_rng_devices(inputs)):
         args = _clones(inputs) if args is None else args
-        with torch.enable_grad():
+        with torch.enable_grad(), without_autocast():  # the aten graph carries autocast's casts
             outs = [o for o in pytree.tree_leaves(gm(*args))
                     if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()]
             wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]

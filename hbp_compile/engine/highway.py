@@ -11,8 +11,8 @@ Backward, for a chain ``h_0 -> ... -> h_L`` with cotangents ``a_i`` on the state
 4. one more call per group for the weights and side inputs; ``∂L/∂h_0 = w_0``.
 
 After ``L`` iterations ``w`` is exact, so ``k >= L`` costs ``L`` iterations, not ``k``. The programs
-it runs are built in ``engine/program.py``; ``engine/batched.py`` is the autograd path for blocks
-that cast dtypes.
+it runs are built in ``engine/program.py``; blocks that cast dtypes (autocast, bfloat16 weights with
+float32 norms) take the same path, their casts explicit in the partitioned graphs.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..compile import without_autocast
 from ..detect.model import ResidualKind
-from .batched import BatchedGroup
 from .iterate import refuse_double_backward, run_iterations
 from .layout import CotangentRows, StateStacks, gather, row_index
 from .pipelined import pipelined_runs, pipelined_step
@@ -80,7 +80,8 @@ class HighwayChain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
         refuse_double_backward("chain")  # before once_differentiable, which would hide create_graph
-        return HighwayChain._backward(ctx, *grads)
+        with without_autocast():  # a backward taken under autocast: the graphs carry their own casts
+            return HighwayChain._backward(ctx, *grads)
 
     @staticmethod
     @once_differentiable
@@ -116,8 +117,6 @@ class HighwayChain(torch.autograd.Function):
                 memory.activations += activations
                 memory.weights += weights
             w = _highway_iterations(program, batched, a, states)
-            for b in batched:
-                b.release_iteration_graph()
             grads: list[torch.Tensor | None] = [None] * len(sides)
             for b in batched:
                 for g, where in b.side_grads(gather(w, b.prog.outputs), sides):
@@ -148,7 +147,7 @@ def _split_counts(flat: Sequence[torch.Tensor], counts: Sequence[int]) -> list[t
 def _group_backward(program: ChainProgram, group: int, stacks: StateStacks,
                     sides: Sequence[torch.Tensor], sides_need_grad: Sequence[bool],
                     draws: Sequence[Sequence[torch.Tensor]], kept: Sequence[tuple[torch.Tensor, ...]],
-                    partitions: dict[int, SavedLayer]) -> SavedGroup | BatchedGroup:
+                    partitions: dict[int, SavedLayer]) -> SavedGroup:
     """The group's batched backward: aot_autograd's backward graph of the split layer, vmapped over the
     layers, fed the values its forward saves, kept by the chain's forward (``recompute=False``) or
     recomputed here by one batched run of the partitioned forward. Every VJP is then a direct call of
@@ -162,8 +161,6 @@ def _group_backward(program: ChainProgram, group: int, stacks: StateStacks,
         per_layer = [kept[keeping.index(p)] for p in prog.layers]
         values = [torch.stack([v.detach() for v in column]) for column in zip(*per_layer)]
         return SavedGroup(prog, partitions[group], values, sides_need_grad, like)
-    if prog.casts_dtypes:
-        return BatchedGroup(prog, stacks, sides, sides_need_grad, draws)
     xs, args, need, replay = prog.stack_inputs(stacks, sides, sides_need_grad, draws)
     example = list(args)  # one layer's values: the partition is traced on them
     for p, idx in prog.stacked:
@@ -178,7 +175,7 @@ def _group_backward(program: ChainProgram, group: int, stacks: StateStacks,
     return SavedGroup(prog, part, values, sides_need_grad, like, restackable)
 
 
-def _run_scans(program: ChainProgram, batched: Sequence[BatchedGroup]) -> list[ResidualScan]:
+def _run_scans(program: ChainProgram, batched: Sequence[SavedGroup]) -> list[ResidualScan]:
     """One scan per run of states, built once per backward: K = I (a cumulative sum) where every layer
     of the run has an identity residual, else the diagonal K of each layer at its input state's offset.
 
@@ -210,7 +207,7 @@ def _run_scans(program: ChainProgram, batched: Sequence[BatchedGroup]) -> list[R
     ]
 
 
-def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], a: CotangentRows,
+def _highway_iterations(program: ChainProgram, batched: Sequence[SavedGroup], a: CotangentRows,
                         states: Sequence[torch.Tensor]) -> list:
     """``w^k`` for every state, one stacked tensor per run (HIGHWAY_BP.md §3-4). ``a`` is added into
     each iteration's buffer before its scan (the scan's ``c``)."""
@@ -226,8 +223,8 @@ def _highway_iterations(program: ChainProgram, batched: Sequence[BatchedGroup], 
                for first, last in program.state_runs.runs]
 
     def group_vjp(b, cot: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
-        # a chunk of layers only in pipelined runs, whose groups are SavedGroups; a BatchedGroup takes all
-        vb = b.block_vjp(cot) if layers == slice(None) else b.block_vjp(cot, layers)
+        # a chunk of layers only in pipelined runs
+        vb = b.block_vjp(cot, layers)
         if gamma and b.prog.kind is not ResidualKind.ZERO:
             # γ-split: the γ·K part of the residual moves into the block (HIGHWAY_BP.md §1).
             vb = vb + gamma * residual_k[id(b)][layers] * cot

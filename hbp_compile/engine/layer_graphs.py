@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from .._torch_compat import FakeTensorMode, outside_dynamo_tracing
+from ..compile import views_as_reshapes
 from ..detect.model import Layer
 from ..detect.ops import is_random
 
@@ -71,9 +72,6 @@ def _swap_fused_attention(graph: fx.Graph) -> None:
             user.target is operator.getitem and user.args[1] == 0 for user in node.users
         ):
             node.target = _math_attention
-
-
-_VIEWS_TO_RESHAPE = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 
 
 def _mixed_precision_norm_output(node: fx.Node) -> bool:
@@ -204,7 +202,4 @@ def split_layer_graph(layer: Layer) -> fx.GraphModule:
     _clamp_slice_ends(graph)
     # Under vmap the batch dim can leave a tensor that `view` cannot reinterpret (a transposed
     # layout); `reshape` gives the same values and copies only when it must. Backward-only graph.
-    for node in graph.nodes:
-        if node.target in _VIEWS_TO_RESHAPE:
-            node.target = torch.ops.aten.reshape.default
-    return fx.GraphModule(torch.nn.Module(), graph, class_name="HbpSplitLayer")
+    return views_as_reshapes(fx.GraphModule(torch.nn.Module(), graph, class_name="HbpSplitLayer"))

@@ -44,17 +44,9 @@ class GroupProgram:
     chunk: int | None = None  # layers per batched VJP call (None: the whole group at once)
     _partitions: dict = field(default_factory=dict, compare=False, repr=False)
 
-    @cached_property
-    def casts_dtypes(self) -> bool:
-        """Does the block change dtypes (autocast)? aot_autograd's joint trace of such a split layer
-        dropped the cast back in the backward (torch 2.13: a bfloat16 cotangent reached a float32
-        layer norm's backward), so these groups take their VJPs through autograd instead."""
-        return any(n.op == "call_function" and n.target is torch.ops.aten._to_copy.default
-                   for n in self.split_fn.graph.nodes)
-
     @property
     def keeps_intermediates(self) -> bool:
-        return not self.recompute and self.num_draws == 0 and not self.casts_dtypes
+        return not self.recompute and self.num_draws == 0
 
     def partition(self, x: torch.Tensor, externals: Sequence[torch.Tensor],
                   need: Sequence[bool] | None = None) -> SavedLayer:

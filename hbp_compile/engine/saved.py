@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .._torch_compat import FakeTensorMode, default_partition, make_fx, outside_dynamo_tracing
-from ..compile import GraphKernel
+from .._torch_compat import (FakeTensorMode, default_partition, layer_norm_backward_in_aten_ops, make_fx,
+                             outside_dynamo_tracing)
+from ..compile import GraphKernel, views_as_reshapes
 from ..detect.model import ResidualKind
 from .memory import nbytes
 
@@ -134,35 +135,29 @@ def partition_split_layer(split_fn: fx.GraphModule, example: Sequence[torch.Tens
     # refuses to trace (it skips torch.fx): plain GraphModules have their code from the start.
     forward, backward = fx.GraphModule(forward, forward.graph), fx.GraphModule(backward, backward.graph)
     for gm in (forward, backward):
-        _views_for_view_copies(gm)
+        views_as_reshapes(gm)
+    _mixed_precision_norm_backwards_in_aten_ops(backward)
     tangents = tuple((outputs[i].shape, outputs[i].dtype) for i in differentiable)
     return SavedLayer(forward, backward, len(outputs), tangents, backend, chunk)
 
 
-# view ops that are views for any strides; ``view`` needs compatible strides, and under vmap a
-# batched value's strides may not be (GPT-2's attention backward on CUDA), so ``view`` and
-# ``view_copy`` become ``reshape``, which copies only when it must
-_ALWAYS_VIEWS = frozenset({"t", "transpose", "permute", "expand", "slice", "select", "unsqueeze", "squeeze",
-                           "alias", "detach", "unbind", "split", "split_with_sizes", "diagonal", "narrow"})
-
-
-def _views_for_view_copies(gm: fx.GraphModule) -> None:
-    """Functionalization writes views as ``*_copy`` ops (``t_copy``, ``view_copy``), which vmap has no
-    batching rule for (a slow per-layer fallback). In these functional graphs nothing is mutated, so
-    the view itself (``reshape`` for ``view``) computes the same values."""
+def _mixed_precision_norm_backwards_in_aten_ops(gm: fx.GraphModule) -> None:
+    """A layer norm's backward whose gradient or input is not in its weight's dtype (a bfloat16 state
+    normalized with float32 weights: autocast, or a model kept in bfloat16 with float32 norms) in
+    plain aten ops. vmap's batching rule for ``native_layer_norm_backward`` refuses mixed dtypes
+    ("expected scalar type BFloat16 but found Float", torch 2.13), though the kernel takes them; the
+    ops compute in float32 and cast each gradient back to its input's dtype, as the kernel does.
+    Inductor decomposes the op the same way, so only the eager backend sees a difference."""
+    changed = False
     for node in gm.graph.nodes:
-        target = node.target
-        if node.op != "call_function" or not hasattr(target, "overloadpacket") or target.namespace != "aten":
+        if node.target is not torch.ops.aten.native_layer_norm_backward.default:
             continue
-        packet = target.overloadpacket.__name__
-        if target in (torch.ops.aten.view_copy.default, torch.ops.aten.view.default,
-                      torch.ops.aten._unsafe_view.default):
-            node.target = torch.ops.aten.reshape.default
-        elif packet.endswith("_copy") and packet[: -len("_copy")] in _ALWAYS_VIEWS:
-            view = getattr(torch.ops.aten, packet[: -len("_copy")])
-            if hasattr(view, target._overloadname):
-                node.target = getattr(view, target._overloadname)
-    gm.recompile()
+        dtypes = {a.meta["val"].dtype for a in (node.args[0], node.args[1], node.args[5])
+                  if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)}
+        if len(dtypes) > 1:
+            node.target, changed = layer_norm_backward_in_aten_ops, True
+    if changed:
+        gm.recompile()
 
 
 RESTACK_MIN_BYTES = 2 ** 20  # stacked weights below this are kept through the weight-gradient call
@@ -171,7 +166,7 @@ RESTACK_CHUNKS = 4  # calls the weight-gradient call is split into when it resta
 
 class SavedGroup:
     """A group's backward from its stacked saved values: residual Jacobian, block VJP, side-output and
-    weight gradients (the interface ``engine/batched.py``'s ``BatchedGroup`` shares)."""
+    weight gradients."""
 
     def __init__(self, prog, saved: SavedLayer, values: Sequence[torch.Tensor],
                  sides_need_grad: Sequence[bool], like: torch.Tensor,
@@ -211,7 +206,7 @@ class SavedGroup:
 
     def side_output_cotangents(self, grads: Sequence[torch.Tensor | None], offsets: Sequence[int]) -> torch.Tensor | None:
         """Take the cotangents of the group's differentiable side outputs (zeros where the loss does not
-        read one); return their gradient on the input states (``_BatchedGroup``'s contract)."""
+        read one); return their gradient on the input states."""
         n = len(self.prog.layers)
         given = False
         differentiable = [j for j, d in enumerate(self.prog.side_differentiable) if d]
@@ -238,9 +233,6 @@ class SavedGroup:
         """``w_{i+1} J_{i+1}`` for the group's ``layers`` (``cotangent``: their output rows of ``w``)."""
         (v,) = self._grads((1,), cotangent, layers=layers)
         return torch.zeros_like(cotangent) if v is None else v
-
-    def release_iteration_graph(self) -> None:
-        """Nothing to free: the kept values serve the weight gradients too."""
 
     def side_grads(self, cotangent: torch.Tensor, sides: Sequence[torch.Tensor] = ()
                    ) -> list[tuple[torch.Tensor, int | tuple[int, ...]]]:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..engine.iterate import refuse_double_backward, run_iterations
 from ..engine.scans import ResidualScan, linear_scan
-from ..compile import compile_function
+from ..compile import compile_function, without_autocast
 from .cells import CELLS, Coefficients
 
 _KERNELS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru": torch.gru}
@@ -162,8 +162,9 @@ def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, state
 def _backward(ctx, grad_states):
     refuse_double_backward("recurrence")
     input, w_ih, w_hh, b_ih, b_hh, states = ctx.saved_tensors
-    grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
-                             (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7], ctx.tol, backend=ctx.backend)
+    with without_autocast():  # as the chains' backward: the op's dtypes are the forward's
+        grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
+                                 (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7], ctx.tol, backend=ctx.backend)
     return (None, *grads, *[None] * (ctx.num_inputs - 1 - len(grads)))
 
 
