@@ -1,7 +1,7 @@
 """The speed issue's workloads, HBP and eager backprop interleaved in one process.
 
-Run: python -m benchmarks.speed [--repeats 15] [--k 3] [--only gru256 gru1024 cell256 stack64] [--compile]
-                                [--write]
+Run: python -m benchmarks.speed [--repeats 15] [--k 3] [--only gru256 gru1024 cell256 stack64 stack64-autocast]
+                                [--compile] [--write]
 
 Each training step (forward, loss, backward) is timed with the methods alternating, in an order
 shuffled every round (``rounds.py``), so that machine noise hits all of them alike; the table gives the median over ``--repeats`` rounds, min–max beside
@@ -68,11 +68,16 @@ WORKLOADS: dict[str, tuple[str, Callable[[], nn.Module], Callable[[], tuple]]] =
     "stack64": ("pre-LN MLP L=64 (d=32, B=8)", lambda: PreLNStack(64, 32),
                 lambda: (torch.randn(8, 32, generator=torch.Generator().manual_seed(0)),
                          torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1)))),
+    # the default path's mixed precision: a float32 model under bfloat16 autocast (issue 28)
+    "stack64-autocast": ("pre-LN MLP L=64 (d=32, B=8), float32 under bfloat16 autocast",
+                         lambda: PreLNStack(64, 32),
+                         lambda: (torch.randn(8, 32, generator=torch.Generator().manual_seed(0)),
+                                  torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1)))),
 }
 
 
 def _loss(name: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out, target) if name == "stack64" else F.mse_loss(out, target)
+    return F.cross_entropy(out.float(), target) if name.startswith("stack64") else F.mse_loss(out, target)
 
 
 def measure(name: str, ks: list[int], repeats: int, with_compile: bool) -> list[str]:
@@ -86,10 +91,14 @@ def measure(name: str, ks: list[int], repeats: int, with_compile: bool) -> list[
     for k in ks:
         methods[f"HBP k={k}"] = hbp_compile(model, k=k)
 
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name.endswith("-autocast"))
+
     def step(m: nn.Module) -> float:
         start = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        _loss(name, m(x), target).backward()
+        with amp:
+            loss = _loss(name, m(x), target)
+        loss.backward()
         return time.perf_counter() - start
 
     first = {label: step(m) for label, m in methods.items()}

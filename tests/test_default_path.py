@@ -31,3 +31,52 @@ def test_family_trains_exactly_on_the_default_path(name, dtype):
     assert result.layers == entry.expected_found
     assert result.forward_equal
     assert result.passes(entry), (result.error, result.backprop_error)
+
+
+def test_the_math_attention_replacement_takes_grouped_query_heads():
+    """SDPA hands grouped-query attention to the fused CPU kernel as fewer key/value heads; the
+    math kernel that replaces it for vmap must be told (enable_gqa), batched or not."""
+    import torch
+
+    from hbp_compile.engine.layer_graphs import _math_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, heads, 8, 4, generator=g) for heads in (4, 2, 2))
+    want = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[0], k[0], v[0], 0.0, True)[0]
+    torch.testing.assert_close(_math_attention(q[0], k[0], v[0], 0.0, True)[0], want)
+    batched = torch.func.vmap(lambda q, k, v: _math_attention(q, k, v, 0.0, True)[0])(q, k, v)
+    torch.testing.assert_close(batched[0], want)
+
+
+def test_no_user_backward_compiles_anything_under_autocast(monkeypatch):
+    """Everything the chain's backward runs is compiled by the compile-time training step, inside the
+    first call's forward: the user's own backward, and every later step, compile nothing (a compile
+    nested in a backward is what raised "Metric(s) {'is_forward'} have already been set")."""
+    import torch
+
+    from hbp_compile import hbp_compile
+    from hbp_compile.compile import GraphKernel
+
+    from .models import make, mlp_stack
+    from .reference import max_relative_error
+
+    compiles = []
+    original = GraphKernel._compile
+    monkeypatch.setattr(GraphKernel, "_compile", lambda self, args: compiles.append(1) or original(self, args))
+    model = make(mlp_stack(3, d=8, hidden=16)).float()
+    compiled = hbp_compile(model, k=3)
+    for step in range(2):
+        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(step))
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = model(x)
+        want.float().backward()
+        want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = compiled(x)
+        assert compiles if step == 0 else not compiles  # the first forward compiled every kernel
+        compiles.clear()
+        out.float().backward()
+        assert not compiles, "a kernel was compiled inside the user's backward"
+        assert max_relative_error({n: p.grad for n, p in model.named_parameters()}, want_grads) < 2e-2

@@ -147,10 +147,13 @@ ZOO: tuple[ZooModel, ...] = (
     ZooModel("gpt2, eager attention", hf("gpt2", **TEXT, attn_implementation="eager"), tokens(mask="right"), 4),
     ZooModel("llama, GQA, left padding", hf("llama", **{**TEXT, "num_key_value_heads": 1}, **HEAD_DIM),
              tokens(mask="left"), 4),
+    ZooModel("llama, GQA", hf("llama", **{**TEXT, "num_attention_heads": 4, "num_key_value_heads": 2}, head_dim=4),
+             tokens(), 4),
     ZooModel("llama LM, tied embeddings, labels", hf("llama", **TEXT, **HEAD_DIM, tie_word_embeddings=True,
                                                     cls="AutoModelForCausalLM"), tokens(labels=True), 4),
     ZooModel("llama, MQA, eager attention", hf("llama", **{**TEXT, "num_attention_heads": 4, "num_key_value_heads": 1},
-                                               head_dim=4, attn_implementation="eager"), tokens(mask="left"), 4),
+                                               head_dim=4, attn_implementation="eager"), tokens(mask="right"), 4,
+             note="right padding: with left padding the model's own eager attention gives NaN in float64"),
     ZooModel("gemma2", hf("gemma2", **TEXT, **HEAD_DIM), tokens(mask="right"), 4,
              note="right padding: with left padding the model's own eager attention gives NaN"),
     ZooModel("mixtral", hf("mixtral", **TEXT, **HEAD_DIM, num_local_experts=4, num_experts_per_tok=2), tokens(), 4,
@@ -321,6 +324,20 @@ def run(entry: ZooModel, backend: str = "eager", dtype: str | None = None) -> Zo
                      [str(w.message) for w in caught if "hbp_compile" in str(w.message)], dtype, backprop_error)
 
 
+def _run_or_error(entry: ZooModel, backend: str, dtype: str) -> ZooResult | str:
+    try:
+        return run(entry, backend, dtype)
+    except Exception as exc:  # noqa: BLE001 - a table of what happens, errors included
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    finally:
+        torch._dynamo.reset()  # each model compiles from scratch, as in the tests
+
+
+def _short(warning: str, width: int = 140) -> str:
+    text = warning.replace("hbp_compile: ", "")
+    return (text[:width] + ("…" if len(text) > width else "")).replace("|", "/").replace("\n", " ")
+
+
 def table(backend: str = "eager", dtype: str = "float64", only: str | None = None) -> list[str]:
     """The zoo as markdown rows: one training step per model, as ``test_zoo.py`` runs it."""
     rows = ["| model | layers found / expected | k ≥ L error | forward bit-identical | hbp_compile warning | note |",
@@ -328,28 +345,87 @@ def table(backend: str = "eager", dtype: str = "float64", only: str | None = Non
     for entry in ZOO:
         if only and not re.search(only, entry.name):
             continue
-        try:
-            r = run(entry, backend, dtype)
-        except Exception as exc:  # noqa: BLE001 - a table of what happens, errors included
-            rows.append(f"| {entry.name} | error | | | {type(exc).__name__}: {str(exc)[:200]} | |")
+        r = _run_or_error(entry, backend, dtype)
+        if isinstance(r, str):
+            rows.append(f"| {entry.name} | error | | | {_short(r, 200)} | |")
             continue
-        warning = "; ".join(w.replace("hbp_compile: ", "")[:140] + ("…" if len(w) > 150 else "") for w in r.warnings)
-        error = f"{r.error:.0e}" + (f" ({r.backprop_error:.0e})" if dtype == "float32" else "")
+        warning = "; ".join(_short(w) for w in r.warnings)
+        error = f"{r.error:.0e}" + (f" ({r.backprop_error:.0e})" if r.dtype == "float32" else "")
         rows.append(f"| {r.name} | {r.layers} / {entry.layers} | {error} | {'yes' if r.forward_equal else 'NO'} | "
-                    f"{warning.replace('|', '/')} | {entry.note} |")
+                    f"{warning} | {entry.note} |")
         print(rows[-1], flush=True)
+    return rows
+
+
+CONFIGS = (("eager", "float64"), ("eager", "float32"), ("eager", "bfloat16"), ("eager", "autocast"),
+           ("inductor", "float32"), ("inductor", "bfloat16"), ("inductor", "autocast"))
+
+
+def _cell(job: tuple[str, str, str]) -> tuple[str, str, str, str, bool]:
+    """One model in one configuration, as a table cell and whether it is as expected."""
+    name, backend, dtype = job
+    entry = next(e for e in ZOO if e.name == name)
+    if dtype == "float64" and not entry.float64:
+        return name, backend, dtype, "no float64", True
+    r = _run_or_error(entry, backend, dtype)
+    if isinstance(r, str):
+        return name, backend, dtype, f"**raises** {_short(r, 100)}", False
+    good = r.passes(entry) and r.forward_equal and r.layers == entry.expected_found
+    text = f"{r.layers}/{entry.layers} · {r.error:.0e}" + ("" if good else " **✗**")
+    if r.warnings:
+        text += " · " + "; ".join(_short(w, 100) for w in r.warnings)
+    return name, backend, dtype, text, good and (not r.warnings or bool(entry.warning))
+
+
+def matrix(configs=CONFIGS, only: str | None = None, jobs: int = 1) -> list[str]:
+    """Every model in every configuration (backend × dtype), a process per job: one markdown table
+    whose cells read "layers found/expected · k ≥ L error", then any warning."""
+    import concurrent.futures
+    import multiprocessing
+
+    names = [e.name for e in ZOO if not only or re.search(only, e.name)]
+    work = [(n, b, d) for b, d in configs for n in names]
+    cells: dict[tuple[str, str, str], str] = {}
+    context = multiprocessing.get_context("spawn")  # a fresh torch per worker, none of the parent's state
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        for name, backend, dtype, text, good in pool.map(_cell, work):
+            cells[name, backend, dtype] = text
+            print(f"{name} · {backend} {dtype}: {text}", flush=True)
+    rows = ["| model | " + " | ".join(f"{b} {d}" for b, d in configs) + " |",
+            "|---|" + "---|" * len(configs)]
+    rows += [f"| {n} | " + " | ".join(cells[n, b, d] for b, d in configs) + " |" for n in names]
     return rows
 
 
 HEADER = """# The zoo: models written by others
 
-Written by `python -m tests.zoo --write docs/zoo.md`; `tests/test_zoo.py` asserts every row in CI.
-Each model is built from a small random config (2 blocks, width 16) in float64 and trains one step
-with `hbp_compile(model, k=10_000, backend="eager")` (k ≥ L: Highway-BP must equal autograd) against
-plain autograd. *Expected* is the count of residual layers a reader sees in the architecture; where
-the pass finds another count or falls back, the note says why (issue numbers are the open work).
-A graph with nothing to rewrite beside a rewritten one (a speech model's convolutional feature
-extractor) is in the report and the logger, not a warning.
+Written by `python -m tests.zoo --write docs/zoo.md --matrix --jobs 2`; `tests/test_zoo.py` asserts
+every row of the first table in CI, `tests/test_default_path.py` nine families of the second under
+Inductor in float32 and bfloat16 autocast.
+
+Each model is built from a small random config (2 blocks, width 16) and trains one step with
+`hbp_compile(model, k=10_000)` (k ≥ L: Highway-BP must equal autograd) against plain autograd.
+*Expected* is the count of residual layers a reader sees in the architecture; where the pass finds
+another count or falls back, the note says why. A graph with nothing to rewrite beside a rewritten
+one (a speech model's convolutional feature extractor) is in the report and the logger, not a warning.
+
+## Eager backend, float64
+
+Bit-identical forward, gradients within 1e-8 of autograd's (unless the note says why).
+
+"""
+
+MATRIX_HEADER = """
+## Every backend and precision
+
+The default path is `backend="inductor"` (compiled by Inductor). Precisions: *float64* and
+*float32* (the model and its inputs in that dtype), *bfloat16* (the weights and inputs), *autocast*
+(a float32 model under `torch.autocast("cpu", dtype=torch.bfloat16)`). Each cell reads "layers
+found / expected · k ≥ L error", then the hbp_compile warning if any. The error is relative against
+autograd in float64 (float64, and float32, where the bound is 1e-4 or 3 × float32 autograd's own
+error against float64, whichever is larger: BERT with a padding mask is 4e-4 from float64 in plain
+float32 autograd), and 1 − cosine against autograd in the same precision for bfloat16 and autocast
+(bound 1e-2). **✗** marks a cell outside its bound; "raises" a training step that raised.
 
 """
 
@@ -358,15 +434,21 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", metavar="PAGE", help="write the table into this markdown page")
+    parser.add_argument("--write", metavar="PAGE", help="write the table(s) into this markdown page")
     parser.add_argument("--backend", default="eager", choices=("eager", "inductor"))
     parser.add_argument("--dtype", default="float64", choices=DTYPES)
     parser.add_argument("--only", metavar="REGEX", help="only the models whose name matches")
+    parser.add_argument("--matrix", action="store_true",
+                        help="also every model in every backend and precision (slow: about an hour of CPU)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes for --matrix")
     args = parser.parse_args()
     rows = table(args.backend, args.dtype, args.only)
+    grid = matrix(only=args.only, jobs=args.jobs) if args.matrix else []
     if args.write:
         with open(args.write, "w") as page:
             page.write(HEADER + "\n".join(rows) + "\n")
+            if grid:
+                page.write(MATRIX_HEADER + "\n".join(grid) + "\n")
 
 
 if __name__ == "__main__":

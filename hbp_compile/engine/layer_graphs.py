@@ -61,8 +61,10 @@ def _layer_norm_with_stats(x, mean, rstd, weight=None, bias=None):
 def _math_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
     # The fused CPU attention kernel has no vmap batching rule (vmap would loop over layers); the
     # math kernel decomposes into batched matmuls. Only output 0 is read (checked by the caller).
+    # The fused kernel takes fewer key/value heads than query heads (grouped-query attention, as
+    # SDPA's enable_gqa hands it over); the math kernel must be told.
     return _aten._scaled_dot_product_attention_math(
-        q, k, v, attn_mask, dropout_p, is_causal, scale=scale
+        q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=k.shape[-3] != q.shape[-3]
     )
 
 
