@@ -5,6 +5,7 @@
 #   bash benchmarks/device_check.sh            # on a CUDA machine: within 8 minutes on one H100
 #     (tests stopped at TEST_TIMEOUT=200 s; no new method started after BUDGET_S=240 s of benchmarks)
 #   bash benchmarks/device_check.sh --smoke    # the same code path on the CPU, tiny sizes (CI runs it)
+#   BENCH_ONLY='GRU T=16' bash benchmarks/device_check.sh --smoke   # one workload (the CI test's pieces)
 #
 # Uses .venv/bin/python when there is one, else $PYTHON or python3 (a GPU image's own torch), with
 # this checkout on PYTHONPATH. Logs and the page also go to $OUT when it is set.
@@ -27,11 +28,12 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 
 echo "== CUDA exactness tests (skipped without a GPU)"
-timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py 2>&1 | tee "$LOGS/cuda_tests.log" | tail -25
+# one process (-o addopts: a GPU image's own Python may lack pytest-xdist, which the suite's -n needs)
+timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_devices.py 2>&1 | tee "$LOGS/cuda_tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmarks ($page)"
-"$PY" -m benchmarks.gpu $smoke --budget-s "${BUDGET_S:-240}" --out "$page" 2>&1 | tee "$LOGS/benchmarks.log" | tail -60
+"$PY" -m benchmarks.gpu $smoke ${BENCH_ONLY:+--only "$BENCH_ONLY"} --budget-s "${BUDGET_S:-240}" --out "$page" 2>&1 | tee "$LOGS/benchmarks.log" | tail -60
 bench_rc=${PIPESTATUS[0]}
 echo "== done: tests rc=$tests_rc, benchmarks rc=$bench_rc"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
