@@ -6,10 +6,14 @@ What Inductor compiles, each once whatever the depth L (DESIGN.md §6):
   ``torch.compile`` (dynamo → aot_autograd → Inductor); each chain call and each recurrence is a
   graph break, so the code around it is compiled with its ordinary autograd backward;
 * per group, the layer function that the chain's forward calls L times;
-* per group, the batched split-layer forward ``vmap(split)``; aot_autograd partitions it into a
-  forward and a backward graph, and the backward graph is the batched VJP that every Highway-BP
-  iteration calls (the forward is not rerun per iteration);
-* the reverse scans along the residual path.
+* per group, the split layer partitioned by aot_autograd's partitioner (``engine/saved.py``): its
+  saving forward vmapped over the layers (run once per backward) and its backward graph vmapped
+  (the batched VJP every Highway-BP iteration calls), each a ``GraphKernel``;
+* the reverse scans along the residual path (a C kernel on the CPU, Triton on CUDA).
+
+Everything a chain's backward runs is compiled by the backend's compile-time training step
+(``verify.dry_run``), inside the first call's forward: no user backward compiles anything, which
+torch's compile machinery does not support (DESIGN.md §1a).
 
 Random ops use eager's generator (Inductor's ``fallback_random``), so a compiled forward draws the
 same dropout masks as the model does in eager mode. Every function is compiled under a code object

@@ -13,7 +13,7 @@ from functools import cached_property
 import torch
 import torch.fx as fx
 
-from ..compile import GraphKernel, compile_function, without_inductor_conv_bug
+from ..compile import GraphKernel, without_inductor_conv_bug
 from ..detect.model import Chain, Layer, ResidualKind
 from .iterate import IterationUsage
 from .memory import BackwardMemory
@@ -90,16 +90,6 @@ class GroupProgram:
 
     def _for_backend(self, gm: fx.GraphModule) -> fx.GraphModule:
         return gm if self.backend == "eager" else without_inductor_conv_bug(gm)
-
-    def batched_split(self, split_fn: fx.GraphModule | None = None) -> Callable[..., object]:
-        """``(xs_r, xs_g, *externals, *draws) -> ys``: the split layer vmapped over the group's layers."""
-        return torch.func.vmap(split_fn or self.split_fn, in_dims=self.in_dims())
-
-    @cached_property
-    def run_batched(self) -> Callable[..., object]:
-        """``batched_split`` compiled: its aot_autograd backward graph is the group's batched VJP."""
-        return compile_function(self.batched_split(self._for_backend(self.split_fn)), self.backend,
-                                "hbp_batched_split")
 
     def unpack(self, out: object) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """A layer graph's result as (y, side outputs, draws)."""
