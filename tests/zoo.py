@@ -347,12 +347,14 @@ def table(backend: str = "eager", dtype: str = "float64", only: str | None = Non
     for entry in ZOO:
         if only and not re.search(only, entry.name):
             continue
-        r = _run_or_error(entry, backend, dtype)
+        own = dtype if dtype != "float64" or entry.float64 else "float32"  # a model with no float64
+        r = _run_or_error(entry, backend, own)
         if isinstance(r, str):
             rows.append(f"| {entry.name} | error | | | {_short(r, 200)} | |")
             continue
         warning = "; ".join(_short(w) for w in r.warnings)
-        error = f"{r.error:.0e}" + (f" ({r.backprop_error:.0e})" if r.dtype == "float32" else "")
+        error = f"{r.error:.0e}" + (f" ({r.backprop_error:.0e})" if r.dtype == "float32" and entry.float64 else "")
+        error += " (float32)" if own != dtype else ""
         rows.append(f"| {r.name} | {r.layers} / {entry.layers} | {error} | {'yes' if r.forward_equal else 'NO'} | "
                     f"{warning} | {entry.note} |")
         print(rows[-1], flush=True)
