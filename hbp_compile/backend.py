@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from .capture import mark_requires_grad, to_aten_graph
-from .compile import compile_rewritten
+from .compile import compile_rewritten, opaque_recurrences
 from .detect import Detection, find_residual_chains, find_state_pairs, pack_state_pairs
 from .inspect.dumps import write_dumps
 from .options import HbpOptions
@@ -212,6 +212,7 @@ class HbpBackend:
                 record.aten_graph, record.detection.chains, k=o.max_iterations, gamma=o.gamma,
                 backend=o.backend, recompute=o.recompute, tol=o.stop_tol, chunk=o.chunk,
             ) if record.detection.chains else record.aten_graph
+            opaque_recurrences(record.rewritten)
         if check_forward:
             with _stage(Fallback.DRY_RUN_FAILED):
                 # compiled layer functions round differently from eager: equal up to rounding is the check

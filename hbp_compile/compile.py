@@ -224,28 +224,51 @@ def _writes(node: fx.Node) -> bool:
     return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
+def _autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    return tuple((d, torch.get_autocast_dtype(d)) for d in devices if torch.is_autocast_enabled(d))
+
+
 @torch.compiler.disable
-def _run_opaque(target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    # A graph break: dynamo runs this call as it is, between two compiled graphs.
-    return target(*args, **kwargs)
+def run_opaque(target: Callable[..., Any], autocast: tuple[tuple[str, torch.dtype], ...], *args: Any) -> Any:
+    """``target(*args)`` as a graph break (dynamo runs it as it is, between two compiled graphs),
+    under the autocast the graph was captured with."""
+    with contextlib.ExitStack() as stack:
+        for device, dtype in autocast:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        return target(*args)
+
+
+def opaque_recurrences(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` (changed in place) with each recurrence custom op called through ``run_opaque``.
+
+    The op is one node that aot_autograd would trace the Python backward of: it stays out of the
+    compiled graphs. And its forward is the module's own fused kernel (``torch.gru`` ...), a
+    composite whose matmuls autocast decides at run time, not explicit casts in the aten graph:
+    the pass's graphs run with autocast off (``without_autocast``), so the op gets back the autocast
+    state that is current now, while the graph is captured (dynamo guards on it), and computes
+    exactly as the model's ``nn.GRU`` under the user's ``torch.autocast``.
+    """
+    state = _autocast_state()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.hbp.recurrence.default:
+            node.args = (node.target, state, *node.args)
+            node.target = run_opaque
+    gm.recompile()
+    return gm
 
 
 def compile_rewritten(gm: fx.GraphModule, backend: str) -> Callable[..., Any]:
-    """The forward of the rewritten aten graph ``gm``, with everything outside the chains and the
-    recurrences compiled by Inductor. ``gm`` itself is left as it is (the dumps print it)."""
+    """The forward of the rewritten aten graph ``gm`` (its recurrences already ``opaque_recurrences``),
+    with everything outside the chains and the recurrences compiled by Inductor, run with autocast
+    off. ``gm`` itself is left as it is (the dumps print it)."""
     if backend == "eager":
         return _autocast_off(gm.forward)
-    safe = without_inductor_conv_bug(gm)
-    for node in safe.graph.nodes:
-        # ChainModule.forward is a graph break already; the recurrence custom op is one node that
-        # aot_autograd would trace the Python backward of: keep it out of the compiled graphs.
-        if node.op == "call_function" and node.target is torch.ops.hbp.recurrence.default:
-            node.args = (node.target, *node.args)
-            node.target = _run_opaque
-    safe.recompile()
-    # resumed after a chain's graph break with its outputs, which are not leaves
+    # ChainModule.forward and run_opaque are graph breaks: Inductor compiles the code around them.
+    # Resumed after a chain's graph break with its outputs, which are not leaves.
     return _autocast_off(_without_grad_attribute_warning(torch.compile(
-        fresh_function(safe, "hbp_graph"), backend="inductor", dynamic=False, options=INDUCTOR_OPTIONS)))
+        fresh_function(without_inductor_conv_bug(gm), "hbp_graph"), backend="inductor", dynamic=False,
+        options=INDUCTOR_OPTIONS)))
 
 
 def _autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
