@@ -16,10 +16,10 @@ from . import zoo
 pytest.importorskip("transformers")
 
 # decoders (GPT-2 as its config comes, Llama with GQA and a left-padded mask, Gemma-2, GPT-Neo),
-# encoders (BERT with a padding mask, ModernBERT), encoder-decoder and encoder (T5), state space
+# encoders (BERT with a padding mask, ModernBERT), encoder-decoder (T5: its encoder and decoder stacks), state space
 # (Mamba) and the recurrent family (nn.GRU, swapped for a Highway-BP recurrence)
 FAMILIES = ("gpt2", "llama, GQA, left padding", "gemma2", "gpt_neo", "bert, padding mask", "modernbert",
-            "t5 encoder", "mamba", "nn.GRU")
+            "t5", "mamba", "nn.GRU")
 CASES = [(name, dtype) for dtype in ("float32", "autocast") for name in FAMILIES]
 
 

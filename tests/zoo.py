@@ -377,6 +377,7 @@ def _cell(job: tuple[str, str, str]) -> tuple[str, str, str, str, bool]:
         return name, backend, dtype, f"**raises** {_short(r, 100)}", False
     good = r.passes(entry) and r.forward_equal and r.layers == entry.expected_found
     text = f"{r.layers}/{entry.layers} · {r.error:.0e}" + ("" if good else " **✗**")
+    text += "" if r.forward_equal else " (forward differs)"
     if r.warnings:
         text += " · " + "; ".join(_short(w, 100) for w in r.warnings)
     return name, backend, dtype, text, good and (not r.warnings or bool(entry.warning))
