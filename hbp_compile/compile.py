@@ -32,9 +32,17 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .detect.ops import is_mutating
+
 INDUCTOR_OPTIONS = {"fallback_random": True}
 
 _fresh_ids = itertools.count()
+
+
+def _autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
+    """(device, dtype) of each device type autocast is on for: the CPU, and CUDA where present."""
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    return tuple((d, torch.get_autocast_dtype(d)) for d in devices if torch.is_autocast_enabled(d))
 
 
 def without_autocast() -> contextlib.AbstractContextManager:
@@ -49,10 +57,8 @@ def without_autocast() -> contextlib.AbstractContextManager:
     torch.float32
     """
     stack = contextlib.ExitStack()
-    if torch.is_autocast_enabled("cpu"):
-        stack.enter_context(torch.autocast("cpu", enabled=False))
-    if torch.cuda.is_available() and torch.is_autocast_enabled("cuda"):
-        stack.enter_context(torch.autocast("cuda", enabled=False))
+    for device, _ in _autocast_state():
+        stack.enter_context(torch.autocast(device, enabled=False))
     return stack
 
 
@@ -209,7 +215,7 @@ def views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
         packet = target.overloadpacket.__name__
         if target in (torch.ops.aten.view_copy.default, torch.ops.aten.view.default,
                       torch.ops.aten._unsafe_view.default):
-            if not any(_writes(user) for user in node.users):  # a view written through stays a view
+            if not any(is_mutating(user) for user in node.users):  # a view written through stays a view
                 node.target = torch.ops.aten.reshape.default
         elif packet.endswith("_copy") and packet[: -len("_copy")] in _ALWAYS_VIEWS:
             view = getattr(torch.ops.aten, packet[: -len("_copy")])
@@ -217,16 +223,6 @@ def views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
                 node.target = getattr(view, target._overloadname)
     gm.recompile()
     return gm
-
-
-def _writes(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return node.op == "call_function" and schema is not None and schema.is_mutable
-
-
-def _autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
-    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-    return tuple((d, torch.get_autocast_dtype(d)) for d in devices if torch.is_autocast_enabled(d))
 
 
 @torch.compiler.disable
