@@ -53,10 +53,23 @@ def recompile_limit() -> int:
 def inductor_compile_graph(gm, example_inputs, options):
     """An aten ``GraphModule`` compiled by Inductor without dynamo: the result runs with no guard
     evaluation per call (it assumes the example inputs' shapes, strides and dtypes)."""
-    from torch._inductor import compile as inductor_compile
+    import copy
 
-    with outside_dynamo_tracing():  # called from inside the backend (the forward check): a context of its own
-        return inductor_compile(gm, list(example_inputs), options=options)
+    from torch._inductor import compile as inductor_compile
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    # A context of its own (called from inside the backend, whose frame has one), with a shape
+    # environment: Inductor's FX graph cache bypasses a compile without one ("No shape env"), so
+    # every process, and every model with the same layer, would generate and compile its code again.
+    # Tensors are fakified with static shapes: the artifact stays specialized. Some graphs (a batch
+    # norm's running statistics) make aot_autograd meet a float symbol it cannot place, in its first
+    # pass, before any code generation: those compile as before, without the cache.
+    try:
+        with _guards.tracing(_guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True))):
+            return inductor_compile(copy.deepcopy(gm), list(example_inputs), options=options)
+    except KeyError:
+        with _guards.tracing(None):
+            return inductor_compile(gm, list(example_inputs), options=options)
 
 
 def trace_artifact(name: str, text: str) -> None:

@@ -125,3 +125,21 @@ def test_inductor_compiles_each_group_once_whatever_the_depth():
         hbp_compile(model, k=1)(torch.randn(4, 3)).backward()
         unique[depth] = counters["stats"]["unique_graphs"]
     assert unique[2] == unique[8]
+
+
+def test_a_second_compile_of_the_same_layers_comes_from_inductor_s_cache():
+    """The engine's kernels go through Inductor's FX graph cache (they used to bypass it, "No shape
+    env"): a fresh model with the same layers, compiled again, generates no code, and neither would
+    a second process. The cached artifact is specialized like the first: same gradients."""
+    from torch._dynamo.utils import counters
+
+    grads = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        model = make(mlp_stack(3, d=8, hidden=16)).float()
+        hbp_compile(model, k=1)(torch.randn(4, 3, generator=torch.Generator().manual_seed(0))).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        assert not counters["inductor"]["fxgraph_cache_bypass"]
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 3 and not counters["inductor"]["fxgraph_cache_miss"]
+    _assert_close(grads[1], grads[0])
