@@ -142,3 +142,25 @@ def test_recurrence_study_prints_the_table_it_would_write(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.startswith("Written by `python -m benchmarks.rnn --cells gru --steps 8")
     assert "| module | gru | 8 | HBP k=1 |" in out and "| module | gru | 8 | eager backprop |" in out
+
+
+def test_cost_model_counts_highway_bp_linear_in_k_and_above_its_bound():
+    """The cost model's FLOP count sees the rewrite (not the original model, which dynamo would run
+    under torch's FlopCounterMode), on a stack of L two-matmul blocks (d -> h -> d, batch B): the
+    FLOPs grow by the same amount per iteration, at least one block-input VJP per layer (two matmuls
+    of 2·B·d·h FLOPs), and k = 0 costs at least backprop's step plus a recomputed forward less the
+    input VJP it skips (issue 31's bound; what lies above it is what the engine adds)."""
+    from benchmarks.cost_model import fit_line, step_flops
+
+    from .models import mlp_stack
+
+    assert fit_line([0, 1, 3, 10], [2.0, 3.5, 6.5, 17.0]) == (2.0, 1.5)
+    depth, d, h, batch = 4, 8, 16, 5
+    model = mlp_stack(depth, d=d, hidden=h).double()
+    workload = Workload("stack", lambda: model, None, lambda m, b: m(b[0]).pow(2).sum())
+    x = (torch.randn(batch, 3, dtype=torch.float64),)
+    block_matmul = 2 * batch * d * h
+    flops = {k: step_flops(hbp_compile(model, k=k, backend="eager"), workload, x) for k in (0, 1, 3)}
+    backprop = step_flops(model, workload, x)
+    assert flops[1] - flops[0] == (flops[3] - flops[1]) / 2 >= depth * 2 * block_matmul
+    assert flops[0] >= backprop + depth * block_matmul
