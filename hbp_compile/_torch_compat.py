@@ -68,7 +68,7 @@ def inductor_compile_graph(gm, example_inputs, options):
         with _guards.tracing(_guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True))):
             return inductor_compile(copy.deepcopy(gm), list(example_inputs), options=options)
     except KeyError:
-        with _guards.tracing(None):
+        with outside_dynamo_tracing():
             return inductor_compile(gm, list(example_inputs), options=options)
 
 
