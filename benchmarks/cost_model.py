@@ -116,10 +116,23 @@ class _FlopCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func is torch.ops.aten.convolution_backward.default:
+            self.total += _convolution_backward_flops(*args)
+            return out
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
         return out
+
+
+def _convolution_backward_flops(grad_out, x, weight, bias_sizes, stride, padding, dilation, transposed,
+                                output_padding, groups, output_mask) -> int:
+    """Each gradient a convolution's backward computes (``output_mask``) costs the convolution's own
+    FLOPs. flop_counter's formula counts a grouped convolution's weight gradient ``groups`` times
+    over, and the engine's batched VJPs are grouped convolutions (vmap folds the layers into groups)."""
+    spatial = (x if transposed else grad_out).shape[2:]
+    forward = 2 * x.shape[0] * weight.numel() * spatial.numel()
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
 def step_flops(model: torch.nn.Module, workload: Workload, batch: tuple) -> float:

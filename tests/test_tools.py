@@ -144,12 +144,13 @@ def test_recurrence_study_prints_the_table_it_would_write(monkeypatch, capsys):
     assert "| module | gru | 8 | HBP k=1 |" in out and "| module | gru | 8 | eager backprop |" in out
 
 
-def test_cost_model_counts_highway_bp_linear_in_k_and_above_its_bound():
+def test_cost_model_counts_highway_bp_at_the_algorithm_s_bound():
     """The cost model's FLOP count sees the rewrite (not the original model, which dynamo would run
-    under torch's FlopCounterMode), on a stack of L two-matmul blocks (d -> h -> d, batch B): the
-    FLOPs grow by the same amount per iteration, at least one block-input VJP per layer (two matmuls
-    of 2·B·d·h FLOPs), and k = 0 costs at least backprop's step plus a recomputed forward less the
-    input VJP it skips (issue 31's bound; what lies above it is what the engine adds)."""
+    under torch's FlopCounterMode), on a stack of L pre-LN two-matmul blocks (d -> h -> d, batch B):
+    each iteration costs exactly one block-input VJP per layer (two matmuls of 2·B·d·h FLOPs, issue
+    31's bound: no forward recomputed inside the VJP), and k = 0 exactly backprop's step plus the
+    recomputed forward (two matmuls a layer). The input VJP k = 0 could skip is still run: the layer
+    norm's weight gradient needs the gradient at its output, one input VJP away."""
     from benchmarks.cost_model import fit_line, step_flops
 
     from .models import mlp_stack
@@ -162,5 +163,39 @@ def test_cost_model_counts_highway_bp_linear_in_k_and_above_its_bound():
     block_matmul = 2 * batch * d * h
     flops = {k: step_flops(hbp_compile(model, k=k, backend="eager"), workload, x) for k in (0, 1, 3)}
     backprop = step_flops(model, workload, x)
-    assert flops[1] - flops[0] == (flops[3] - flops[1]) / 2 >= depth * 2 * block_matmul
-    assert flops[0] >= backprop + depth * block_matmul
+    assert flops[1] - flops[0] == (flops[3] - flops[1]) / 2 == depth * 2 * block_matmul
+    assert flops[0] == backprop + depth * 2 * block_matmul
+
+
+class _ConvBlock(torch.nn.Module):
+    """A ReLU basic block without norms: conv → ReLU → conv, added to the input, then ReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+def test_a_convolution_block_s_iteration_costs_its_input_vjp_only():
+    """One iteration of a ReLU ResNet's chain costs exactly both convolutions' input VJPs (each as
+    many FLOPs as the convolution): ``convolution_backward`` computes what its ``output_mask`` asks
+    for, and the engine's batched VJP turns off the weight gradients it does not read (issue 31's
+    first-iteration jump). k = 0 costs backprop's step and the recomputed forward, less each first
+    convolution's input VJP, which no weight gradient needs (backprop skips it in the first layer
+    only, whose input needs no gradient). torch's FLOP formula counts a grouped convolution's weight
+    gradient once per group, and a batched VJP is one: the cost model counts its own."""
+    from benchmarks.cost_model import step_flops
+
+    depth, channels, batch, side = 4, 4, 2, 6
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_ConvBlock(channels) for _ in range(depth)]).double()
+    workload = Workload("convs", lambda: model, None, lambda m, b: m(b[0]).pow(2).sum())
+    x = (torch.randn(batch, channels, side, side, dtype=torch.float64),)
+    conv = 2 * batch * channels * channels * 9 * side * side  # one convolution's forward FLOPs
+    flops = {k: step_flops(hbp_compile(model, k=k, backend="eager"), workload, x) for k in (0, 1, 3)}
+    backprop = step_flops(model, workload, x)
+    assert flops[1] - flops[0] == (flops[3] - flops[1]) / 2 == depth * 2 * conv
+    assert flops[0] == backprop + depth * 2 * conv - (depth - 1) * conv
