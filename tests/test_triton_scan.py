@@ -39,7 +39,8 @@ def _triton_or_skip(interpreter: bool = True):
 def test_the_kernel_in_triton_s_interpreter():
     _triton_or_skip()
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+    # one process: the suite's `-n auto` would start two more workers to share a handful of tests
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", __file__],
                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     # every interpreter test ran: the only skips are this test and the ahead-of-time compiles
