@@ -24,6 +24,7 @@ from .._torch_compat import (FakeTensorMode, default_partition, layer_norm_backw
                              outside_dynamo_tracing)
 from ..compile import GraphKernel, views_as_reshapes
 from ..detect.model import ResidualKind
+from ..detect.ops import is_mutating
 from .memory import nbytes
 
 
@@ -199,10 +200,12 @@ _SAVED_OPS = frozenset({
 
 
 def _is_saved(node: fx.Node) -> bool:
-    """An input of the layer, or an output of an op in ``_SAVED_OPS`` (one of a multi-output one's)."""
+    """An input of the layer, an output of an op in ``_SAVED_OPS`` (one of a multi-output one's), or
+    of an op that writes into an input (a training batch norm's running statistics): run again, it
+    would write again."""
     if node.op == "call_function" and node.target is operator.getitem:
         node = node.args[0]  # type: ignore[assignment]
-    return node.op == "placeholder" or node.target in _SAVED_OPS
+    return node.op != "call_function" or node.target in _SAVED_OPS or is_mutating(node)
 
 
 def _recompute_cheap_values_in_backward(joint_gm: fx.GraphModule) -> None:
@@ -216,10 +219,12 @@ def _recompute_cheap_values_in_backward(joint_gm: fx.GraphModule) -> None:
     weight-gradient call can restack per chunk from the parameters (``SavedGroup.side_grads``)."""
     graph = joint_gm.graph
     order = {node: i for i, node in enumerate(graph.nodes)}
+    # the partitioner's split: the forward is every node up to the last one tagged forward
+    last_forward = max(order[n] for n in graph.nodes if n.meta.get("partitioner_tag") == "is_forward")
     for node in list(graph.nodes):
-        if node.meta.get("partitioner_tag") != "is_forward" or _is_saved(node):
+        if order.get(node, last_forward + 1) > last_forward or _is_saved(node):
             continue
-        backward_users = [u for u in node.users if u.meta.get("partitioner_tag") != "is_forward"]
+        backward_users = [u for u in node.users if order[u] > last_forward and u.op != "output"]
         if not backward_users:
             continue
         first = min(backward_users, key=order.__getitem__)
