@@ -199,7 +199,8 @@ def table(results: list[Costs], ks: list[int], repeats: int, command: str) -> st
         f"Written by `{command}` on {device_name('cpu')}, torch {torch.__version__}; medians of {repeats} "
         f"interleaved rounds. Times are ratios to eager backprop's step (its forward / backward in ms); base "
         f"and slope: the least-squares line through the HBP steps at k = {', '.join(map(str, ks))}. FLOPs "
-        f"(torch.utils.flop_counter, the rewrite counted uncompiled): backprop's step in MFLOP, HBP's at "
+        f"(torch.utils.flop_counter's formulas, a convolution backward's counted per gradient computed; the "
+        f"rewrite counted uncompiled): backprop's step in MFLOP, HBP's at "
         f"k = {ks[0]} and per iteration as multiples of it. Against the FLOP bound: the step's time over "
         f"its FLOPs at {results[0].rate / 1e9:.0f} GFLOP/s (one 1024² matmul on this machine).",
         "",
