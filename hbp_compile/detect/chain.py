@@ -22,8 +22,6 @@ from .segments import Segment, find_residual_segments, interval
 
 log = logging.getLogger("hbp_compile.detect")
 
-DETECTION_META_KEY = "hbp_layer"
-
 
 @dataclass(frozen=True)
 class Detection:

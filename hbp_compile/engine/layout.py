@@ -50,9 +50,6 @@ class StateRuns:
                 pieces.append((r, [offset]))
         return tuple((r, tuple(offsets)) for r, offsets in pieces)
 
-    def zeros(self, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [states[first].new_zeros((last - first + 1, *states[first].shape)) for first, last in self.runs]
-
 
 def row_index(offsets: Sequence[int]) -> slice | list[int]:
     """Rows ``offsets`` (ascending) as a slice when they are consecutive (a group's layers in a row,

@@ -123,10 +123,6 @@ class ChainProgram:
         return frozenset(r for g in self.groups for r, offsets in g.inputs
                          if len(offsets) > 1 and isinstance(row_index(offsets), slice))
 
-    @property
-    def identity_residual(self) -> bool:
-        return all(g.kind is ResidualKind.IDENTITY for g in self.groups)
-
     def side_offsets(self) -> list[int]:
         """Index of each layer's first side output among the chain's flat side outputs."""
         offsets, start = [], 0
