@@ -167,18 +167,6 @@ def test_cost_model_counts_highway_bp_at_the_algorithm_s_bound():
     assert flops[0] == backprop + depth * 2 * block_matmul
 
 
-class _ConvBlock(torch.nn.Module):
-    """A ReLU basic block without norms: conv → ReLU → conv, added to the input, then ReLU."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-
-    def forward(self, x):
-        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
-
-
 def test_a_convolution_block_s_iteration_costs_its_input_vjp_only():
     """One iteration of a ReLU ResNet's chain costs exactly both convolutions' input VJPs (each as
     many FLOPs as the convolution): ``convolution_backward`` computes what its ``output_mask`` asks
@@ -188,6 +176,8 @@ def test_a_convolution_block_s_iteration_costs_its_input_vjp_only():
     only, whose input needs no gradient). torch's FLOP formula counts a grouped convolution's weight
     gradient once per group, and a batched VJP is one: the cost model counts its own."""
     from benchmarks.cost_model import step_flops
+
+    from .test_chunk import _ConvBlock  # a ReLU basic block without norms
 
     depth, channels, batch, side = 4, 4, 2, 6
     torch.manual_seed(0)

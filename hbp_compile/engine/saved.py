@@ -218,31 +218,29 @@ def _recompute_cheap_values_in_backward(joint_gm: fx.GraphModule) -> None:
     ``detach`` is recomputed too: the saved value is the stacked input itself, which the
     weight-gradient call can restack per chunk from the parameters (``SavedGroup.side_grads``)."""
     graph = joint_gm.graph
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    # the partitioner's split: the forward is every node up to the last one tagged forward
-    last_forward = max(order[n] for n in graph.nodes if n.meta.get("partitioner_tag") == "is_forward")
-    for node in list(graph.nodes):
-        if order.get(node, last_forward + 1) > last_forward or _is_saved(node):
-            continue
-        backward_users = [u for u in node.users if order[u] > last_forward and u.op != "output"]
-        if not backward_users:
-            continue
-        first = min(backward_users, key=order.__getitem__)
-        copies: dict[fx.Node, fx.Node] = {}
+    nodes = list(graph.nodes)
+    # the partitioner's split: the forward is every node up to the last primal or forward-tagged one
+    last_forward = max(i for i, n in enumerate(nodes) if n.meta.get("partitioner_tag") == "is_forward"
+                       or (n.op == "placeholder" and not n.name.startswith("tangents")))
+    forward, backward_start = set(nodes[: last_forward + 1]), nodes[last_forward + 1]
+    copies: dict[fx.Node, fx.Node] = {}  # one copy per value, shared by all its backward readers
 
-        def copy(n: fx.Node) -> fx.Node:
-            if _is_saved(n):
-                return n
-            if n not in copies:
-                inputs = {a: copy(a) for a in n.all_input_nodes}
-                with graph.inserting_before(first):
-                    copies[n] = graph.node_copy(n, inputs.__getitem__)
-                copies[n].meta.pop("partitioner_tag", None)
-            return copies[n]
+    def copy(n: fx.Node) -> fx.Node:
+        if _is_saved(n):
+            return n
+        if n not in copies:
+            inputs = {a: copy(a) for a in n.all_input_nodes}
+            with graph.inserting_before(backward_start):  # the copies open the backward
+                copies[n] = graph.node_copy(n, inputs.__getitem__)
+            copies[n].meta.pop("partitioner_tag", None)
+        return copies[n]
 
-        duplicate = copy(node)
-        for user in backward_users:
-            user.replace_input_with(node, duplicate)
+    for node in nodes[: last_forward + 1]:
+        if _is_saved(node):
+            continue
+        # (a copy reads only saved values and other copies: never one of these nodes)
+        for user in [u for u in node.users if u not in forward and u.op != "output"]:
+            user.replace_input_with(node, copy(node))
     graph.eliminate_dead_code()
     joint_gm.recompile()
 
