@@ -5,10 +5,11 @@
 import logging
 
 from .api import HighwayModule, explain, hbp_compile
-from .backend import Fallback, GraphRecord, HbpBackend, HbpError, hbp_backend
+from .backend import HbpBackend, hbp_backend
 from .detect import Chain, Group, Layer, ResidualKind, find_residual_chains
 from .inspect import Report
 from .options import HbpOptions
+from .records import Fallback, GraphRecord, HbpError
 
 # Quiet by default: applications opt in with logging.getLogger("hbp_compile").setLevel(...) + a handler.
 logging.getLogger("hbp_compile").addHandler(logging.NullHandler())

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from .capture import mark_requires_grad, to_aten_graph
 from .compile import compile_rewritten, opaque_recurrences
-from .detect import Detection, find_residual_chains, find_state_pairs, pack_state_pairs
+from .detect import find_residual_chains, find_state_pairs, pack_state_pairs
+from .graph_utils import copy_graph
 from .inspect.dumps import write_dumps
 from .options import HbpOptions
+from .records import Fallback, GraphRecord, HbpError
 from .recurrent.cell_loops import CELL_CALLS, swap_cell_loops
 from .recurrent.scan_hop import rewrite_scans
 from .recurrent.swap import RNN_CALLS, Recurrence, swap_recurrences
@@ -33,30 +33,6 @@ from .unsupported import find_unsupported_features
 from .verify import dry_run, forward_mismatch, needs_forward_check
 
 log = logging.getLogger("hbp_compile")
-
-
-class Fallback(enum.Enum):
-    """Why a captured graph trains with exact backprop: one reason per pipeline stage."""
-
-    GRAD_DISABLED = "gradients are disabled (inference): nothing to rewrite"
-    UNSUPPORTED = "the graph uses a feature Highway-BP cannot honour"
-    RECURRENCE_FAILED = "rewriting a recurrence failed"
-    CAPTURE_FAILED = "lowering to an aten graph failed"
-    DETECTION_FAILED = "detecting residual chains failed"
-    NO_CHAIN = "no residual chain found"
-    REWRITE_FAILED = "the rewrite failed"
-    FORWARD_MISMATCH = "the rewritten forward does not reproduce the model's"
-    DRY_RUN_FAILED = "the rewritten graph failed its compile-time training step"
-    COMPILE_FAILED = "compiling the rewritten graph failed"
-
-    @property
-    def is_failure(self) -> bool:
-        """A failure (raised under ``strict``), as opposed to a graph with nothing to rewrite."""
-        return self not in (Fallback.GRAD_DISABLED, Fallback.NO_CHAIN)
-
-
-class HbpError(RuntimeError):
-    """Raised instead of falling back to exact backprop when ``strict=True`` (or ``HBP_STRICT=1``)."""
 
 
 class _StageFailed(Exception):
@@ -74,31 +50,6 @@ def _stage(why: Fallback) -> Iterator[None]:
         raise
     except Exception as exc:  # noqa: BLE001 - a bug of the pass must not break training: fall back, say why
         raise _StageFailed(why, f"{type(exc).__name__}: {exc}") from exc
-
-
-@dataclass
-class GraphRecord:
-    """What happened to one graph dynamo captured."""
-
-    index: int
-    dynamo_graph: fx.GraphModule
-    aten_graph: fx.GraphModule | None = None
-    detection: Detection | None = None
-    rewritten: fx.GraphModule | None = None
-    fallback: Fallback | None = None
-    reason: str = ""
-    exception: BaseException | None = field(default=None, repr=False)
-    recurrences: tuple[Recurrence, ...] = ()
-    aten_code: str = ""  # the aten graph before the rewrite edits it in place (kept for dumps)
-    dry_run_peak: int | None = None  # bytes, the compile-time training step's peak (measured for dumps)
-
-    @property
-    def num_layers(self) -> int:
-        """Residual layers rewritten, counting every time step of a swapped RNN layer as one."""
-        if self.fallback is not None:
-            return 0
-        steps = sum(r.steps * r.num_chains for r in self.recurrences if r.swapped)
-        return steps + (sum(c.num_layers for c in self.detection.chains) if self.detection else 0)
 
 
 class HbpBackend:
@@ -171,7 +122,7 @@ class HbpBackend:
         if not any(node.target in RNN_CALLS or node.target in CELL_CALLS for node in gm.graph.nodes):
             return gm, ()
         with _stage(Fallback.RECURRENCE_FAILED):
-            to_capture = fx.GraphModule(gm, _copy_graph(gm.graph))
+            to_capture = fx.GraphModule(gm, copy_graph(gm.graph))
             swapped = (swap_recurrences(to_capture, k=o.max_iterations, gamma=o.gamma, tol=o.stop_tol, backend=o.backend)
                        + swap_cell_loops(to_capture, k=o.max_iterations, gamma=o.gamma, min_steps=o.min_layers,
                                          tol=o.stop_tol, backend=o.backend))
@@ -283,13 +234,6 @@ class HbpBackend:
         if not self.records or any(r.fallback is not Fallback.NO_CHAIN for r in self.records):
             return None
         return "; ".join(f"graph {r.index}: {r.reason or r.fallback.value}" for r in self.records)
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    """A copy to rewrite, so that a fallback still runs dynamo's own graph."""
-    copy = fx.Graph()
-    copy.output(copy.graph_copy(graph, {}))
-    return copy
 
 
 def hbp_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,

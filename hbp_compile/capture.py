@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from ._torch_compat import is_concrete_int, make_fx, outside_dynamo_tracing, preserve_node_meta
+from .marks import REQUIRES_GRAD_META_KEY
 
 
 def _interpreted(gm: fx.GraphModule):
@@ -46,8 +47,6 @@ def to_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) ->
     aten.recompile()
     return aten
 
-
-REQUIRES_GRAD_META_KEY = "hbp_requires_grad"
 
 
 def mark_requires_grad(gm: fx.GraphModule, example_inputs: Sequence[object]) -> None:

@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 
 from .detect.ops import is_mutating
+from .graph_utils import copy_graph
 
 INDUCTOR_OPTIONS = {"fallback_random": True}
 
@@ -135,9 +136,7 @@ class GraphKernel:
         if isinstance(self.fn, fx.GraphModule):
             # a copy: Inductor rewrites the module it compiles (boxed calling convention), and the
             # original may be shared (the dumps, the eager backend)
-            graph = fx.Graph()
-            graph.output(graph.graph_copy(self.fn.graph, {}))
-            gm = views_as_reshapes(fx.GraphModule(self.fn, graph))
+            gm = views_as_reshapes(fx.GraphModule(self.fn, copy_graph(self.fn.graph)))
         else:
             with outside_dynamo_tracing():
                 gm = views_as_reshapes(make_fx(self.fn)(*args))
@@ -179,8 +178,7 @@ def without_inductor_conv_bug(gm: fx.GraphModule) -> fx.GraphModule:
     >>> torch.equal(without_inductor_conv_bug(g)(x, w), g(x, w))
     True
     """
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
+    graph = copy_graph(gm.graph)
     for node in graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.convolution.default:
             node.target = _convolution

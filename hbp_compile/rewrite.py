@@ -22,7 +22,7 @@ import torch.fx as fx
 from .detect.model import Chain
 from .engine.highway import ChainModule
 from .engine.program import build_program
-from .graph_order import stable_topological_sort
+from .graph_utils import copy_source_meta, stable_topological_sort
 
 
 class RewriteError(RuntimeError):
@@ -56,8 +56,7 @@ def rewrite_chains(gm: fx.GraphModule, chains: Sequence[Chain], *, k: int, gamma
         outputs = [chain.output] + [chain.layers[t - 1].y for t in chain.taps] + side_outputs
         with graph.inserting_before(chain.output):
             call = graph.call_module(name, (chain.h0, *sides))
-            call.meta.update({key: chain.output.meta[key] for key in ("stack_trace", "nn_module_stack")
-                              if key in chain.output.meta})
+            copy_source_meta(call, chain.output)
             call.meta["val"] = tuple(o.meta.get("val") for o in outputs)
             for j, old in enumerate(outputs):
                 new = graph.call_function(operator.getitem, (call, j))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .detect.ops import module_path
+from .graph_utils import module_path
 
 _CUSTOM_FUNCTION = "autograd_function_apply"
 _HOOKS = ("register_hook", "trace_wrapped")

@@ -15,8 +15,9 @@ import torch.fx as fx
 
 from .kinds import classify_residual
 from .model import Chain, Group, Layer
-from .ops import (descendants, describe_value, is_light, is_mutating, is_random, is_replayable_random, is_sink,
-                  module_path, tensor_meta)
+from ..graph_utils import descendants, module_path
+from .ops import (describe_value, is_light, is_mutating, is_random, is_replayable_random, is_sink,
+                  tensor_meta)
 from .pairs import packed_segments
 from .segments import Segment, find_residual_segments, interval
 

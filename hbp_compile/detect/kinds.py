@@ -14,7 +14,8 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .model import PACKED_STATE_META_KEY, UNPACK_META_KEY, ResidualKind
+from ..marks import PACKED_STATE_META_KEY, UNPACK_META_KEY
+from .model import ResidualKind
 from .ops import CASTS, LAYOUT_OPS
 
 _aten = torch.ops.aten

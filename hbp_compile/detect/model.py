@@ -10,11 +10,6 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-# A state pair (a, b) packed into one state s_t = stack([a_t, b_t]) (detect/pairs.py) is marked on the
-# graph: s_t carries (run, t), a select of it the component it reads (0 = a, 1 = b).
-PACKED_STATE_META_KEY = "hbp_packed_state"
-UNPACK_META_KEY = "hbp_unpack"
-
 
 class ResidualKind(enum.Enum):
     """How the residual function ``r(x, z)`` depends on ``x`` with the block output ``z`` held fixed."""

@@ -6,7 +6,6 @@ an op renamed by a torch upgrade is still classified (STYLE.md, "traps").
 from __future__ import annotations
 
 import operator
-import re
 
 import torch
 import torch.fx as fx
@@ -176,36 +175,7 @@ def describe_value(node: fx.Node) -> str:
     return f"{tuple(val.shape)}:{val.dtype}" if val is not None else type(node.meta.get("val")).__name__
 
 
-def descendants(*nodes: fx.Node) -> set[fx.Node]:
-    """Every value computed from any of ``nodes`` (not the nodes themselves, unless one reads another)."""
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
-
-
 def same_tensor_type(a: fx.Node, b: fx.Node) -> bool:
     """Same shape and dtype: the states of one run of a chain must agree on both."""
     ta, tb = tensor_meta(a), tensor_meta(b)
     return ta is not None and tb is not None and ta.shape == tb.shape and ta.dtype == tb.dtype
-
-
-def module_path(node: fx.Node) -> str:
-    """The innermost ``nn.Module`` path that produced ``node`` ('' when unknown)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path, _ = list(stack.values())[-1]
-    return _clean_dynamo_path(str(path))
-
-
-_DYNAMO_ROOT = re.compile(r"^(L\['[^']*'\]\.?|L__[a-z]+___|self\.)")
-
-
-def _clean_dynamo_path(path: str) -> str:
-    # dynamo spells `self.layers[0].fc` as L['self'].layers[0].fc (the name is forward's first argument)
-    return _DYNAMO_ROOT.sub("", path)

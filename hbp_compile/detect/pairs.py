@@ -25,8 +25,9 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .model import PACKED_STATE_META_KEY, UNPACK_META_KEY
-from .ops import (descendants, describe_value, is_layout, is_light, residual_successors, same_tensor_type,
+from ..graph_utils import closure, copy_source_meta, descendants, inputs, users
+from ..marks import PACKED_STATE_META_KEY, UNPACK_META_KEY
+from .ops import (describe_value, is_layout, is_light, residual_successors, same_tensor_type,
                   tensor_meta)
 from .segments import (Segment, differentiable_values, feeds_only_sinks, interval, keeps_element_positions,
                        residual_path)
@@ -82,9 +83,9 @@ class _Search:
         those that ``p`` itself is computed from (``tanh(c)`` between ``c`` and ``h = o⊙tanh(c)``)."""
         order = self.order
         lo, hi = min(order[n] for n in p.nodes), max(order[n] for n in q.nodes)
-        forward = _closure(p.nodes, lambda n: n.users, lambda n: order.get(n, hi + 1) <= hi)
-        backward = _closure(q.nodes, lambda n: n.all_input_nodes, lambda n: order[n] >= lo)
-        before = _closure(p.nodes, lambda n: n.all_input_nodes, lambda n: order[n] >= lo)
+        forward = closure(p.nodes, users, lambda n: order.get(n, hi + 1) <= hi)
+        backward = closure(q.nodes, inputs, lambda n: order[n] >= lo)
+        before = closure(p.nodes, inputs, lambda n: order[n] >= lo)
         return ((forward & (backward | set(q.nodes))) - before) - set(p.nodes)
 
     def is_step(self, p: StatePair, q: StatePair, nodes: set[fx.Node], produced: _Produced) -> bool:
@@ -159,17 +160,6 @@ class _Produced:
         if self.found is None:
             self.found = descendants(*self.first.nodes)
         return self.found
-
-
-def _closure(starts, step, keep) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(starts)
-    while stack:
-        for nxt in step(stack.pop()):
-            if nxt not in seen and keep(nxt):
-                seen.add(nxt)
-                stack.append(nxt)
-    return seen
 
 
 def _signature(p: StatePair, q: StatePair, nodes: set[fx.Node], order: dict[fx.Node, int]) -> str:
@@ -279,13 +269,13 @@ def pack_state_pairs(gm: fx.GraphModule, runs: list[list[StatePair]]) -> None:
                 readers = {c: [u for u in readers[c] if u in pair.readers[c]] for c in (0, 1)}
             with graph.inserting_after(last):
                 packed = graph.call_function(_aten.stack.default, ([pair.a, pair.b],))
-            packed.meta.update({key: last.meta[key] for key in ("nn_module_stack", "stack_trace") if key in last.meta})
+            copy_source_meta(packed, last)
             packed.meta["val"] = torch.stack([tensor_meta(pair.a), tensor_meta(pair.b)])
             packed.meta[PACKED_STATE_META_KEY] = (r, t)
             next_step = set() if t + 1 == len(run) else _step_consumers(run[t], run[t + 1])
             anchor = packed
-            for component, users in readers.items():
-                groups = [[u for u in users if u in next_step]] + [[u] for u in users if u not in next_step]
+            for component, later in readers.items():
+                groups = [[u for u in later if u in next_step]] + [[u] for u in later if u not in next_step]
                 for group in filter(None, groups):
                     with graph.inserting_after(anchor):
                         select = graph.call_function(_aten.select.int, (packed, 0, component))
@@ -302,7 +292,7 @@ def pack_state_pairs(gm: fx.GraphModule, runs: list[list[StatePair]]) -> None:
 
 def _step_consumers(p: StatePair, q: StatePair) -> set[fx.Node]:
     """Readers of ``p`` that ``q`` depends on (before packing)."""
-    backward = _closure(q.nodes, lambda n: n.all_input_nodes, lambda n: True) | set(q.nodes)
+    backward = closure(q.nodes, inputs) | set(q.nodes)
     return {u for n in p.nodes for u in n.users if u in backward}
 
 

@@ -27,7 +27,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..capture import REQUIRES_GRAD_META_KEY
+from ..graph_utils import closure, inputs, module_path, users
+from ..marks import REQUIRES_GRAD_META_KEY
 from .ops import (
     LAYOUT_OPS,
     is_layer_norm,
@@ -37,7 +38,6 @@ from .ops import (
     is_random,
     is_sink,
     layer_norm_outputs,
-    module_path,
     residual_successors,
     same_tensor_type,
     tensor_meta,
@@ -66,44 +66,22 @@ class Segment:
 def interval(x: fx.Node, y: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
     """``desc(x) ∩ anc(y)`` plus ``y``, without ``x``."""
     lo, hi = order[x], order[y]
-    forward: set[fx.Node] = set()
-    stack = [x]
-    while stack:
-        for user in stack.pop().users:
-            if user not in forward and order.get(user, hi + 1) <= hi:
-                forward.add(user)
-                stack.append(user)
-    backward: set[fx.Node] = set()
-    stack = [y]
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in backward and order[arg] > lo:
-                backward.add(arg)
-                stack.append(arg)
+    forward = closure([x], users, lambda user: order.get(user, hi + 1) <= hi)
+    backward = closure([y], inputs, lambda arg: order[arg] > lo)
     return (forward & backward) | {y}
 
 
 def residual_path(x: fx.Node, nodes: set[fx.Node], y: fx.Node) -> set[fx.Node]:
     """Nodes of the segment on a residual path from x to y: pointwise ops, and layer norms (the
     ``native_layer_norm`` node with its normalized output)."""
-    reach: set[fx.Node] = set()
-    stack = [x]
-    while stack:
-        node = stack.pop()
+    def step(node: fx.Node) -> list[fx.Node]:
         steps = [u for u in node.users if is_pointwise(u) or is_layout(u)]
         for out in layer_norm_outputs(node):
             steps += [out.args[0], out]
-        for user in steps:
-            if user in nodes and user not in reach:
-                reach.add(user)
-                stack.append(user)
-    coreach: set[fx.Node] = {y}
-    stack = [y]
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg in reach and arg not in coreach:
-                coreach.add(arg)
-                stack.append(arg)
+        return steps
+
+    reach = closure([x], step, lambda user: user in nodes)
+    coreach = {y} | closure([y], inputs, lambda arg: arg in reach)
     return reach & coreach
 
 

@@ -17,6 +17,7 @@ float32 norms) take the same path, their casts explicit in the partitioned graph
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -32,6 +33,35 @@ from .saved import SavedGroup, SavedLayer
 from .scans import ResidualScan, mask_if_binary
 
 
+@dataclass(frozen=True)
+class SavedTensors:
+    """What the chain's forward saves for its backward, packed into ``ctx.save_for_backward``'s flat
+    list and unpacked by name: the state stacks' tensors, the side inputs, the random draws, and the
+    intermediates of each layer whose group keeps them (``recompute=False``)."""
+
+    held: Sequence[torch.Tensor]
+    sides: Sequence[torch.Tensor]
+    draws: Sequence[torch.Tensor]
+    kept: dict[int, tuple[torch.Tensor, ...]]  # layer index -> its saved intermediates
+
+    def flat(self) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+        """The tensors to save, and the counts ``unflatten`` needs to find them again."""
+        layers = tuple(self.kept)
+        counts = (len(self.held), len(self.sides), len(self.draws), *layers, *(len(self.kept[p]) for p in layers))
+        return [*self.held, *self.sides, *self.draws, *(v for p in layers for v in self.kept[p])], counts
+
+    @staticmethod
+    def unflatten(saved: Sequence[torch.Tensor], counts: tuple[int, ...]) -> SavedTensors:
+        num_held, num_sides, num_draws, *rest = counts
+        layers, sizes = rest[: len(rest) // 2], rest[len(rest) // 2:]
+        parts, start = [], 0
+        for size in (num_held, num_sides, num_draws, *sizes):
+            parts.append(tuple(saved[start: start + size]))
+            start += size
+        held, sides, draws, *kept = parts
+        return SavedTensors(held, sides, draws, dict(zip(layers, kept)))
+
+
 class HighwayChain(torch.autograd.Function):
     """``(h_0, *sides) -> (h_L, *taps)`` with the Highway-BP backward of the module docstring."""
 
@@ -42,7 +72,7 @@ class HighwayChain(torch.autograd.Function):
         draws: list[torch.Tensor] = []  # what each layer's random ops drew, in layer order
         side_outputs: list[torch.Tensor] = []
         frozen: list[torch.Tensor] = []
-        kept: list[tuple[torch.Tensor, ...]] = []  # per layer of a group that keeps its intermediates
+        kept: dict[int, tuple[torch.Tensor, ...]] = {}  # per layer of a group that keeps its intermediates
         partitions: dict[int, SavedLayer] = {}
         for p, (group, side_idx) in enumerate(zip(program.layer_group, program.layer_sides)):
             prog = program.groups[group]
@@ -58,18 +88,15 @@ class HighwayChain(torch.autograd.Function):
             y, side, drawn = prog.unpack(out)
             x = stacks.append(p + 1, y)
             if prog.keeps_intermediates:  # a saved output (a ReLU's) is read from the stack: no second copy
-                kept.append(tuple(x if v is y else v for v in values))
+                kept[p] = tuple(x if v is y else v for v in values)
             draws.extend(drawn)
             side_outputs.extend(side)
             frozen.extend(v for v, d in zip(side, prog.side_differentiable) if not d)
         ctx.program = program
-        ctx.num_sides = len(sides)
-        ctx.num_draws = len(draws)
-        ctx.kept_counts = [len(values) for values in kept]
         ctx.partitions = partitions
         held, ctx.state_layout = stacks.saved()
-        ctx.num_held = len(held)
-        ctx.save_for_backward(*held, *sides, *draws, *(v for values in kept for v in values))
+        tensors, ctx.saved_counts = SavedTensors(held, sides, draws, kept).flat()
+        ctx.save_for_backward(*tensors)
         ctx.mark_non_differentiable(*frozen)
         # taps may be rows of a saved stack: returned detached, they are not views to autograd (a view
         # output could not be modified in place), while an in-place change still bumps the stack's
@@ -87,13 +114,11 @@ class HighwayChain(torch.autograd.Function):
     @once_differentiable
     def _backward(ctx, grad_out: torch.Tensor | None, *grad_rest: torch.Tensor | None):
         program: ChainProgram = ctx.program
-        saved = ctx.saved_tensors
-        n, held = program.num_layers, ctx.num_held
-        stacks = StateStacks.restore(program.state_runs, n, saved[:held], ctx.state_layout)
-        states, sides = stacks.states(), saved[held: held + ctx.num_sides]
-        first_kept = held + ctx.num_sides + ctx.num_draws
-        draws = program.split_draws(saved[held + ctx.num_sides: first_kept])
-        kept = _split_counts(saved[first_kept:], ctx.kept_counts)
+        saved = SavedTensors.unflatten(ctx.saved_tensors, ctx.saved_counts)
+        n = program.num_layers
+        stacks = StateStacks.restore(program.state_runs, n, saved.held, ctx.state_layout)
+        states, sides, kept = stacks.states(), saved.sides, saved.kept
+        draws = program.split_draws(saved.draws)
         sides_need_grad = ctx.needs_input_grad[2:]
         runs = program.state_runs
         a = CotangentRows(runs)
@@ -136,17 +161,9 @@ def _like_source(g: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return g.contiguous() if source.is_contiguous() else g
 
 
-def _split_counts(flat: Sequence[torch.Tensor], counts: Sequence[int]) -> list[tuple[torch.Tensor, ...]]:
-    out, start = [], 0
-    for count in counts:
-        out.append(tuple(flat[start: start + count]))
-        start += count
-    return out
-
-
 def _group_backward(program: ChainProgram, group: int, stacks: StateStacks,
                     sides: Sequence[torch.Tensor], sides_need_grad: Sequence[bool],
-                    draws: Sequence[Sequence[torch.Tensor]], kept: Sequence[tuple[torch.Tensor, ...]],
+                    draws: Sequence[Sequence[torch.Tensor]], kept: dict[int, tuple[torch.Tensor, ...]],
                     partitions: dict[int, SavedLayer]) -> SavedGroup:
     """The group's batched backward: aot_autograd's backward graph of the split layer, vmapped over the
     layers, fed the values its forward saves, kept by the chain's forward (``recompute=False``) or
@@ -156,9 +173,7 @@ def _group_backward(program: ChainProgram, group: int, stacks: StateStacks,
     first = stacks.state(prog.layers[0])
     like = first.new_empty((len(prog.layers), *first.shape))
     if group in partitions:
-        # kept values are listed per layer of the groups that keep them, in layer order
-        keeping = [p for p, g in enumerate(program.layer_group) if program.groups[g].keeps_intermediates]
-        per_layer = [kept[keeping.index(p)] for p in prog.layers]
+        per_layer = [kept[p] for p in prog.layers]
         values = [torch.stack([v.detach() for v in column]) for column in zip(*per_layer)]
         return SavedGroup(prog, partitions[group], values, sides_need_grad, like)
     xs, args, need, replay = prog.stack_inputs(stacks, sides, sides_need_grad, draws)

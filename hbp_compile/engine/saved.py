@@ -25,6 +25,7 @@ from .._torch_compat import (FakeTensorMode, default_partition, layer_norm_backw
 from ..compile import GraphKernel, views_as_reshapes
 from ..detect.model import ResidualKind
 from ..detect.ops import is_mutating
+from ..graph_utils import closure, inputs
 from .memory import nbytes
 
 
@@ -176,15 +177,13 @@ def _tag_forward_nodes(joint_gm: fx.GraphModule, num_fwd_outputs: int) -> None:
     in the forward and saves what the backward reads of them; untagged, it found no forward op at
     all and the backward recomputed the whole layer, every matmul included, in each VJP call."""
     (outputs,) = (n.args[0] for n in joint_gm.graph.nodes if n.op == "output")
-    pending = [a for a in outputs[:num_fwd_outputs] if isinstance(a, fx.Node)]
-    seen: set[fx.Node] = set()
-    while pending:
-        node = pending.pop()
-        if node in seen or node.op == "placeholder":
-            continue
-        seen.add(node)
+    starts = [a for a in outputs[:num_fwd_outputs] if isinstance(a, fx.Node)]
+
+    def computed(node: fx.Node) -> bool:
+        return node.op != "placeholder"
+
+    for node in {*filter(computed, starts), *closure(starts, inputs, computed)}:
         node.meta["partitioner_tag"] = "is_forward"
-        pending.extend(node.all_input_nodes)
 
 
 # ops whose outputs the backward reads from the saving forward; the rest (pointwise ops, norms,

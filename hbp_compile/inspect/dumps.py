@@ -32,7 +32,7 @@ from ..options import HbpOptions
 from .report import format_report
 
 if TYPE_CHECKING:
-    from ..backend import GraphRecord
+    from ..records import GraphRecord
     from ..engine.program import GroupProgram
 
 log = logging.getLogger("hbp_compile")

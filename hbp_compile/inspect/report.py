@@ -10,7 +10,7 @@ from ..options import HbpOptions
 from .depth import backward_depths
 
 if TYPE_CHECKING:
-    from ..backend import GraphRecord
+    from ..records import GraphRecord
 
 
 def backward_depth(chain: Chain, k: int) -> tuple[int, int, int]:

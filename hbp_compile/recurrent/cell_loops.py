@@ -15,9 +15,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..detect.ops import descendants
-from ..detect.ops import module_path
-from ..graph_order import stable_topological_sort
+from ..graph_utils import copy_source_meta, descendants, module_path, stable_topological_sort
 from .op import recurrence  # noqa: F401  (registers torch.ops.hbp.recurrence)
 from .swap import Recurrence
 
@@ -124,7 +122,7 @@ def _replace(graph: fx.Graph, run: list[fx.Node], mode: str, k: int, gamma: floa
             _cell_loop_states,
             (mode, k, gamma, _step_inputs(run), _state_inputs(first), *weights[:4], tol, backend),
         )
-    states.meta.update({key: first.meta[key] for key in ("nn_module_stack", "stack_trace") if key in first.meta})
+    copy_source_meta(states, first)
     hidden = 1 if mode == "lstm" else 0
     # Each component's steps come from one unbind: its backward stacks the T cotangents once, where a
     # getitem per step would add a zero-filled (T+1, m, B, H) gradient per step (O(T²) work).

@@ -17,13 +17,13 @@ import torch.fx as fx
 
 from ..detect.kinds import classify_residual
 from ..detect.model import Layer
-from ..detect.ops import is_mutating, is_random, module_path
+from ..detect.ops import is_mutating, is_random
 from ..detect.segments import residual_path
 from ..engine.highway import ChainModule
 from ..engine.program import ChainProgram, GroupProgram
 from ..engine.layer_graphs import layer_graph, split_layer_graph
 from ..engine.layout import StateRuns
-from ..graph_order import stable_topological_sort
+from ..graph_utils import closure, inputs, module_path, stable_topological_sort
 from .swap import Recurrence
 
 _SCAN = torch.ops.higher_order.scan
@@ -31,16 +31,7 @@ _SCAN = torch.ops.higher_order.scan
 
 def _ancestors_through(node: fx.Node, stop: fx.Node) -> set[fx.Node]:
     """``node``'s ancestors (itself included), not looking past ``stop``."""
-    seen, stack = {node}, [node]
-    while stack:
-        current = stack.pop()
-        if current is stop:
-            continue
-        for arg in current.all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
-    return seen
+    return {node} | closure([node], lambda current: () if current is stop else inputs(current))
 
 
 def _readout_graph(graph: fx.Graph, value: fx.Node, y: fx.Node) -> fx.GraphModule:

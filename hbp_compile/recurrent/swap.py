@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..detect.ops import module_path
+from ..graph_utils import module_path
 from .cells import CELLS
 from .op import recurrence  # noqa: F401  (registers torch.ops.hbp.recurrence)
 
