@@ -13,9 +13,9 @@ node instead of unrolling ``T`` time steps: compile time does not grow with the 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import functools
+import inspect
+from typing import Generic, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +31,25 @@ STEP_KERNELS = {"rnn_tanh": torch.rnn_tanh_cell, "rnn_relu": torch.rnn_relu_cell
                 "lstm": torch.lstm_cell}
 
 
+V = TypeVar("V")
+
+
+class PerInput(NamedTuple, Generic[V]):
+    """One value per differentiable input of the op, by name: what needs a gradient, the gradients."""
+
+    input: V
+    state0: V
+    w_ih: V
+    w_hh: V
+    b_ih: V
+    b_hh: V
+
+
 def _params(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> list[Tensor]:
     return [w_ih, w_hh] if b_ih is None else [w_ih, w_hh, b_ih, b_hh]
 
 
-@torch.library.custom_op("hbp::recurrence", mutates_args=())
-def recurrence(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+def _all_states(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                b_hh: Tensor | None, k: int, gamma: float, step_kernel: bool = False, tol: float = 0.0,
                backend: str = "eager") -> Tensor:
     """All states ``(T+1, m, B, H)`` of one recurrent layer over a time-major ``input`` ``(T, B, D)``.
@@ -70,6 +83,11 @@ def recurrence(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Ten
     return torch.stack([cs, hs], 1)
 
 
+recurrence = torch.library.custom_op("hbp::recurrence", mutates_args=())(_all_states)
+# the op's arguments by name (the autograd context is handed them as one positional tuple)
+_SIGNATURE = inspect.signature(_all_states)
+
+
 def _step_loop(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                b_hh: Tensor | None) -> Tensor:
     step = STEP_KERNELS[mode]
@@ -89,11 +107,12 @@ def _(mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma, step_kernel=False, 
 
 
 def _setup_context(ctx, inputs, output):
-    mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma = inputs[:9]
-    ctx.mode, ctx.k, ctx.gamma, ctx.num_inputs = mode, k, gamma, len(inputs)
-    ctx.tol = inputs[10] if len(inputs) > 10 else 0.0
-    ctx.backend = inputs[11] if len(inputs) > 11 else "eager"
-    ctx.save_for_backward(input, w_ih, w_hh, b_ih, b_hh, output)
+    args = _SIGNATURE.bind(*inputs)
+    args.apply_defaults()
+    a = args.arguments
+    ctx.mode, ctx.k, ctx.gamma, ctx.tol, ctx.backend = a["mode"], a["k"], a["gamma"], a["tol"], a["backend"]
+    ctx.num_inputs = len(inputs)
+    ctx.save_for_backward(a["input"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], output)
 
 
 @functools.cache
@@ -110,8 +129,8 @@ def _coefficients(mode: str, backend: str):
 
 
 def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, states: Tensor, input: Tensor,
-                     weights: Sequence[Tensor | None], needs_grad: Sequence[bool], tol: float = 0.0,
-                     backend: str = "eager") -> list[Tensor | None]:
+                     weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None], needs_grad: PerInput[bool],
+                     tol: float = 0.0, backend: str = "eager") -> PerInput[Tensor | None]:
     """Gradients of ``(input, state0, w_ih, w_hh, b_ih, b_hh)`` given the cotangents of all states.
 
     The cell's VJP coefficients are computed once (``cells.py``); an iteration is then one multiply,
@@ -146,17 +165,17 @@ def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, state
     (w,), _ = run_iterations([scan(a)], step, max_iterations=min(k, steps), tol=tol, what=f"recurrence {mode}")
     cell.hidden_cotangent(coef, w[1:], out=d_gh)
     flat = d_gh.flatten(0, 1).flatten(1)
-    grad_w_hh = flat.t() @ x[:, hidden].flatten(0, -2) if needs_grad[3] else None
-    grad_b_hh = flat.sum(0) if b_hh is not None and needs_grad[5] else None
+    grad_w_hh = flat.t() @ x[:, hidden].flatten(0, -2) if needs_grad.w_hh else None
+    grad_b_hh = flat.sum(0) if b_hh is not None and needs_grad.b_hh else None
     cell.input_cotangent_(coef, w[1:], d_gh)  # d_gh becomes d_gi
-    return [
-        d_gh.flatten(2) @ w_ih if needs_grad[0] else None,
-        w[0] if needs_grad[1] else None,
-        flat.t() @ input.flatten(0, -2) if needs_grad[2] else None,
-        grad_w_hh,
-        flat.sum(0) if b_ih is not None and needs_grad[4] else None,
-        grad_b_hh,
-    ]
+    return PerInput(
+        input=d_gh.flatten(2) @ w_ih if needs_grad.input else None,
+        state0=w[0] if needs_grad.state0 else None,
+        w_ih=flat.t() @ input.flatten(0, -2) if needs_grad.w_ih else None,
+        w_hh=grad_w_hh,
+        b_ih=flat.sum(0) if b_ih is not None and needs_grad.b_ih else None,
+        b_hh=grad_b_hh,
+    )
 
 
 def _backward(ctx, grad_states):
@@ -164,7 +183,8 @@ def _backward(ctx, grad_states):
     input, w_ih, w_hh, b_ih, b_hh, states = ctx.saved_tensors
     with without_autocast():  # as the chains' backward: the op's dtypes are the forward's
         grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
-                                 (w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad[1:7], ctx.tol, backend=ctx.backend)
+                                 (w_ih, w_hh, b_ih, b_hh), PerInput(*ctx.needs_input_grad[1:7]), ctx.tol,
+                                 backend=ctx.backend)
     return (None, *grads, *[None] * (ctx.num_inputs - 1 - len(grads)))
 
 
