@@ -116,9 +116,13 @@ class GraphKernel:
         self.fn = fn
         self.backend = backend
         self._compiled: dict[tuple, Callable[..., Any]] = {}
+        self._graphs: list[fx.GraphModule] = []  # the graphs handed to Inductor, per signature
+        self._first_call: tuple | None = None  # the first call's arguments, as fake-able descriptions
 
     def __call__(self, *args: Any) -> Any:
         if self.backend == "eager":
+            if self._first_call is None:
+                self._first_call = tuple(_describe(a) for a in args)
             return self.fn(*args)
         key = tuple((a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else repr(a) for a in args)
         fn = self._compiled.get(key)
@@ -140,9 +144,40 @@ class GraphKernel:
         else:
             with outside_dynamo_tracing():
                 gm = views_as_reshapes(make_fx(self.fn)(*args))
+        self._graphs.append(gm)
         with warnings.catch_warnings():  # compile time only: Inductor reads `.grad` of non-leaf inputs
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
             return inductor_compile_graph(gm, args, INDUCTOR_OPTIONS)
+
+    def traced_graph(self) -> fx.GraphModule | None:
+        """The aten graph this kernel runs, for the dumps: the one Inductor compiled (its first
+        signature), or under ``backend="eager"`` ``fn`` traced on fakes of its first call's arguments.
+        None before the first call.
+
+        >>> kernel = GraphKernel(lambda x: torch.func.vmap(torch.sin)(x), "eager")
+        >>> _ = kernel(torch.ones(3, 2))
+        >>> [n.target for n in kernel.traced_graph().graph.nodes if n.op == "call_function"]
+        [<OpOverload(op='aten.sin', overload='default')>]
+        """
+        from ._torch_compat import FakeTensorMode, make_fx, outside_dynamo_tracing
+
+        if self._graphs:
+            return self._graphs[0]
+        if self._first_call is None:
+            return None
+        mode = FakeTensorMode()
+        with mode:
+            args = [torch.empty_strided(a[1], a[2], dtype=a[3], device=a[4]) if isinstance(a, tuple) and a[:1] == ("tensor",)
+                    else a for a in self._first_call]
+        with outside_dynamo_tracing(), torch.no_grad():
+            return make_fx(self.fn, tracing_mode="fake")(*args)
+
+
+def _describe(value: Any) -> Any:
+    """A tensor as ("tensor", shape, stride, dtype, device), anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device)
+    return value
 
 
 def _without_grad_attribute_warning(compiled: Callable[..., Any]) -> Callable[..., Any]:

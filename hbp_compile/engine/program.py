@@ -59,6 +59,10 @@ class GroupProgram:
                                                            self.side_differentiable, self.backend, self.chunk)
         return self._partitions[need]
 
+    def partitions(self) -> tuple[SavedLayer, ...]:
+        """The split layer's partitions built so far (one per pattern of inputs needing a gradient)."""
+        return tuple(self._partitions.values())
+
     def in_dims(self) -> tuple[int | None, ...]:
         """vmap's in_dims for ``(x_r, x_g, *externals, *draws)``: stacked inputs 0, broadcast None."""
         dims: list[int | None] = [None] * (len(self.stacked) + len(self.broadcast))

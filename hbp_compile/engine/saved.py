@@ -72,7 +72,7 @@ class SavedLayer:
             def present_grads(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
                 return tuple(g.sum(0) if i - 2 in broadcast else g for i, g in zip(present, batched(*args)))
 
-            kernel = GraphKernel(present_grads, self.backend)
+            kernel = self._variants[("kernel", *key)] = GraphKernel(present_grads, self.backend)
 
             def run(*args: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
                 if not present:
@@ -82,6 +82,23 @@ class SavedLayer:
 
             self._variants[key] = run
         return self._variants[key]
+
+
+    def kernels(self) -> dict[str, GraphKernel]:
+        """The kernels built so far, by what they compute (the dumps show the graph of each):
+        ``forward`` (per layer, ``recompute=False``), ``batched_forward`` (the saved values of every
+        layer), ``batched_vjp`` (the block VJP of each iteration), ``residual_jacobian`` (K of a
+        non-identity residual, once per backward) and ``weight_vjp`` (the externals' gradients)."""
+        names = {(1,): "batched_vjp", (0,): "residual_jacobian"}
+        found = {}
+        for key, value in self._variants.items():
+            if key == "forward":
+                found["forward"] = value
+            elif key[0] == "forward":
+                found["batched_forward"] = value
+            elif key[0] == "kernel":
+                found[names.get(key[1], "weight_vjp")] = value
+        return found
 
 
 def _narrow_output_masks(graph: fx.Graph) -> None:

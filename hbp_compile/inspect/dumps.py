@@ -6,9 +6,13 @@ Per captured graph ``N``, in ``<dir>/graph_N/``:
   functional aten form (what detection reads), and the graph that runs (chain calls stitched in);
 * ``report.txt`` / ``report.json``: the ``explain()`` report of this graph (chains, layers, kinds,
   fallback reason);
-* ``chain{C}_group{G}_layer.py`` / ``_split.py`` / ``_batched_vjp.py``: a group's layer graph (the
-  forward runs it once per layer), its split graph ``(x_r, x_g, ...) -> y``, and the batched VJP the
-  backward runs (``make_fx`` of ``vjp(vmap(split))`` on fake tensors: the ops of one iteration);
+* ``chain{C}_group{G}_layer.py`` / ``_split.py``: a group's layer graph (the forward runs it once per
+  layer) and its split graph ``(x_r, x_g, ...) -> y``;
+* ``chain{C}_group{G}_batched_forward.py`` / ``_batched_vjp.py`` / ``_residual_jacobian.py`` /
+  ``_weight_vjp.py`` (``_forward.py`` with ``recompute=False``): the graphs the backward runs, as
+  the compile-time training step built them (the aten graphs handed to Inductor): the saved values
+  of every layer at once, the block VJP of one iteration over all layers, ``K`` of a non-identity
+  residual, and the weights' gradients;
 * ``memory.txt``: the compile-time training step's peak of allocated bytes, and what each chain's
   Highway-BP backward held at the end of its iterations by category (states, activations, stacked
   weights, iteration buffers, gradients; ``engine/memory.py``); the rest of the peak is the
@@ -27,13 +31,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
-from .._torch_compat import FakeTensorMode, make_fx, trace_artifact
+from .._torch_compat import trace_artifact
 from ..options import HbpOptions
 from .report import format_report
 
 if TYPE_CHECKING:
     from ..records import GraphRecord
-    from ..engine.program import GroupProgram
 
 log = logging.getLogger("hbp_compile")
 
@@ -67,32 +70,6 @@ def record_json(record: "GraphRecord") -> dict:
     }
 
 
-def batched_vjp_graph(prog: "GroupProgram", state: torch.Tensor, sides: list[torch.Tensor]) -> fx.GraphModule:
-    """``make_fx`` of one group's batched block VJP, on fake tensors shaped like the chain's values."""
-    mode = FakeTensorMode()
-    n = len(prog.layers)
-
-    def fake(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        with mode:
-            return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-    num_ext = len(prog.stacked) + len(prog.broadcast)
-    args: list[torch.Tensor | None] = [None] * num_ext
-    dims: list[int | None] = [None] * num_ext
-    for p, idx in prog.stacked:
-        args[p], dims[p] = fake((n, *sides[idx[0]].shape), sides[idx[0]]), 0
-    for p, i in prog.broadcast:
-        args[p] = fake(tuple(sides[i].shape), sides[i])
-    xs = fake((n, *state.shape), state)
-
-    def one_iteration(x_r, x_g, cotangent, *externals):
-        batched = torch.func.vmap(prog.split_fn, in_dims=(0, 0, *dims))
-        out, pullback = torch.func.vjp(lambda xg, *ext: batched(x_r, xg, *ext), x_g, *externals)
-        return pullback(cotangent if not isinstance(out, tuple) else (cotangent, *map(torch.zeros_like, out[1:])))
-
-    return make_fx(one_iteration, tracing_mode="fake")(xs, xs, xs, *args)
-
-
 def _chain_calls(gm: fx.GraphModule) -> list[tuple[fx.Node, torch.nn.Module]]:
     return [(n, gm.get_submodule(n.target)) for n in gm.graph.nodes
             if n.op == "call_module" and n.target.startswith("hbp_chain_")]
@@ -102,19 +79,21 @@ def _group_files(record: "GraphRecord") -> dict[str, str]:
     files: dict[str, str] = {}
     if record.rewritten is None:
         return files
-    for c, (call, module) in enumerate(_chain_calls(record.rewritten)):
-        state = call.args[0].meta.get("val")
-        sides = [a.meta.get("val") for a in call.args[1:]]
+    for c, (_, module) in enumerate(_chain_calls(record.rewritten)):
         for g, prog in enumerate(module.program.groups):
             stem = f"chain{c}_group{g}"
             files[f"{stem}_layer.py"] = _readable(prog.layer_fn)
             files[f"{stem}_split.py"] = _readable(prog.split_fn)
-            try:
-                if prog.num_draws:
-                    raise NotImplementedError("the group replays random draws; its VJP graph takes them as inputs")
-                files[f"{stem}_batched_vjp.py"] = _readable(batched_vjp_graph(prog, state, sides))
-            except Exception as exc:  # noqa: BLE001 - a dump must never break training
-                files[f"{stem}_batched_vjp.py"] = f"# not traced: {type(exc).__name__}: {exc}\n"
+            # the graphs the engine runs, as the compile-time training step built them
+            for i, partition in enumerate(prog.partitions()):
+                suffix = f"_{i}" if i else ""
+                for name, kernel in partition.kernels().items():
+                    try:
+                        graph = kernel.traced_graph()
+                        text = _readable(graph) if graph is not None else "# not run yet\n"
+                    except Exception as exc:  # noqa: BLE001 - a dump must never break training
+                        text = f"# not traced: {type(exc).__name__}: {exc}\n"
+                    files[f"{stem}_{name}{suffix}.py"] = text
     return files
 
 
