@@ -16,7 +16,7 @@ import torch.fx as fx
 from .kinds import classify_residual
 from .model import Chain, Group, Layer
 from ..graph_utils import descendants, module_path
-from .ops import (describe_value, is_light, is_mutating, is_random, is_replayable_random, is_sink,
+from .ops import (describe_ops, describe_value, is_light, is_mutating, is_random, is_replayable_random, is_sink,
                   tensor_meta)
 from .pairs import packed_segments
 from .segments import Segment, find_residual_segments, interval
@@ -90,9 +90,7 @@ def _signature(seg: Segment, externals: tuple[fx.Node, ...]) -> str:
     local[seg.x] = "x"
     local.update({e: f"${i}" for i, e in enumerate(externals)})
     parts = [f"x:{describe_value(seg.x)}"] + [f"${i}:{describe_value(e)}" for i, e in enumerate(externals)]
-    for node in seg.nodes:
-        args = fx.node.map_arg((node.args, node.kwargs), lambda n: local[n])
-        parts.append(f"{node.target}{args}->{describe_value(node)}")
+    parts += describe_ops(seg.nodes, local.__getitem__)
     parts.append(f"side outputs: {[local[n] for n in _side_outputs(seg)]}")
     return "\n".join(parts)
 

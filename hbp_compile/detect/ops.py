@@ -6,6 +6,7 @@ an op renamed by a torch upgrade is still classified (STYLE.md, "traps").
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -173,6 +174,13 @@ def describe_value(node: fx.Node) -> str:
     structural signature compares (layers, steps of a recurrence)."""
     val = tensor_meta(node)
     return f"{tuple(val.shape)}:{val.dtype}" if val is not None else type(node.meta.get("val")).__name__
+
+
+def describe_ops(nodes: Iterable[fx.Node], name: Callable[[fx.Node], str]) -> list[str]:
+    """One line per node: its op, its arguments with each node read spelled by ``name``, its value's
+    type. The lines of a structural signature (a layer's, a recurrence step's): equal lines mean the
+    same computation on the same shapes, whatever the node identities."""
+    return [f"{node.target}{fx.node.map_arg((node.args, node.kwargs), name)}->{describe_value(node)}" for node in nodes]
 
 
 def same_tensor_type(a: fx.Node, b: fx.Node) -> bool:

@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 
 from ..graph_utils import closure, copy_source_meta, descendants, inputs, users
 from ..marks import PACKED_STATE_META_KEY, UNPACK_META_KEY
-from .ops import (describe_value, is_layout, is_light, residual_successors, same_tensor_type,
+from .ops import (describe_ops, describe_value, is_layout, is_light, residual_successors, same_tensor_type,
                   tensor_meta)
 from .segments import (Segment, differentiable_values, feeds_only_sinks, interval, keeps_element_positions,
                        residual_path)
@@ -174,7 +174,7 @@ def _signature(p: StatePair, q: StatePair, nodes: set[fx.Node], order: dict[fx.N
             return local[n]
         return externals.setdefault(n, f"${len(externals)}:{describe_value(n)}")
 
-    parts = [f"{node.target}{fx.node.map_arg((node.args, node.kwargs), name)}->{describe_value(node)}" for node in ordered]
+    parts = describe_ops(ordered, name)
     parts.append(f"out: {local[q.a]} {local[q.b]}")
     return "\n".join(parts)
 
