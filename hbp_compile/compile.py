@@ -78,18 +78,6 @@ def fresh_function(fn: Callable[..., Any], name: str = "hbp_fn") -> Callable[...
     return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
-def compile_function(fn: Callable[..., Any], backend: str, name: str = "hbp_fn") -> Callable[..., Any]:
-    """``fn`` compiled by Inductor (static shapes, one graph), or ``fn`` itself for ``"eager"``.
-
-    >>> compile_function(abs, "eager") is abs
-    True
-    """
-    if backend == "eager":
-        return fn
-    return _without_grad_attribute_warning(torch.compile(
-        fresh_function(fn, name), backend="inductor", dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS))
-
-
 class GraphKernel:
     """A function of tensors called many times per step: Inductor's artifact called directly, no dynamo.
 

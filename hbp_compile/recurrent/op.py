@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Generic, NamedTuple, TypeVar
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from ..engine.iterate import refuse_double_backward, run_iterations
 from ..engine.scans import ResidualScan, linear_scan
-from ..compile import compile_function, without_autocast
+from ..compile import GraphKernel, without_autocast
 from .cells import CELLS, Coefficients
 
 _KERNELS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru": torch.gru}
@@ -116,16 +117,30 @@ def _setup_context(ctx, inputs, output):
 
 
 @functools.cache
-def _coefficients(mode: str, backend: str):
-    """``(states, input, w_ih, w_hh, b_ih, b_hh) -> Coefficients fields``: the input projection and the
-    cell's VJP coefficients of all steps; under Inductor one fused kernel around two matmuls."""
+def _coefficients(mode: str, backend: str, biased: bool) -> Callable[..., Coefficients]:
+    """``(states, input, w_ih, w_hh, b_ih, b_hh) -> Coefficients``: the input projection and the cell's
+    VJP coefficients of all steps; under Inductor one fused kernel around two matmuls.
+
+    A ``GraphKernel``, not a ``torch.compile``d function: one function serves every model and every
+    shape, and dynamo would count each shape against its recompile limit, which the compile-time
+    training step of a model's ninth batch shape then hit (the model fell back to exact backprop)."""
     cell = CELLS[mode]
+    present: list[bool] = []  # which Coefficients fields the cell fills (set while the kernel traces)
 
-    def coefficients(states: Tensor, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-                     b_hh: Tensor | None) -> tuple:
-        return cell.coefficients(states, F.linear(input, w_ih, b_ih), w_hh, b_hh).fields()
+    def coefficients(states: Tensor, input: Tensor, w_ih: Tensor, w_hh: Tensor, *biases: Tensor) -> tuple:
+        b_ih, b_hh = biases if biased else (None, None)
+        fields = cell.coefficients(states, F.linear(input, w_ih, b_ih), w_hh, b_hh).fields()
+        present[:] = [f is not None for f in fields]
+        return tuple(f for f in fields if f is not None)
 
-    return compile_function(coefficients, backend, f"hbp_{mode}_coefficients")
+    kernel = GraphKernel(coefficients, backend)
+
+    def run(states: Tensor, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+            b_hh: Tensor | None) -> Coefficients:
+        found = iter(kernel(states, input, w_ih, w_hh, *((b_ih, b_hh) if biased else ())))
+        return Coefficients(*(next(found) if p else None for p in present))
+
+    return run
 
 
 def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, states: Tensor, input: Tensor,
@@ -141,7 +156,7 @@ def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, state
     w_ih, w_hh, b_ih, b_hh = weights
     steps, hidden = states.shape[0] - 1, cell.num_states - 1
     x = states[:-1]
-    coef = Coefficients(*_coefficients(mode, backend)(x, input, w_ih, w_hh, b_ih, b_hh))
+    coef = _coefficients(mode, backend, b_ih is not None)(x, input, w_ih, w_hh, b_ih, b_hh)
     # K = 0 (plain RNN): nothing travels along the residual path, and the scan only adds a and v
     scan = ResidualScan(0.0 if mode.startswith("rnn") else coef.k_diag if not gamma else (1.0 - gamma) * coef.k_diag,
                         steps + 1)
