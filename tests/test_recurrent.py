@@ -251,7 +251,7 @@ def test_the_recurrence_backward_compiles_no_dynamo_frame_per_shape(mode, module
         for steps, batch in [(3, 2), (4, 2), (2, 1)]:
             x = torch.randn(steps, batch, 3, requires_grad=True)
             state0 = torch.zeros(2 if mode == "lstm" else 1, batch, 4, requires_grad=True)
-            states = torch.ops.hbp.recurrence(mode, x, state0, *rnn.parameters(), 10, 0.0, False, 0.0, "inductor")
+            states, _ = torch.ops.hbp.recurrence(mode, x, state0, *rnn.parameters(), 10, 0.0, False, 0.0, "inductor")
             hidden = states[1:, -1]
             hidden.pow(2).sum().backward()
             got = [x.grad, *(p.grad for p in rnn.parameters())]

@@ -69,7 +69,8 @@ def _cell_loop_states(mode: str, k: int, gamma: float, inputs: list, state0: tup
         first = torch.stack([c0, h0])
     else:
         first = state0[0].unsqueeze(0)
-    return torch.ops.hbp.recurrence(mode, stacked, first, w_ih, w_hh, b_ih, b_hh, k, gamma, True, tol, backend)
+    states, _ = torch.ops.hbp.recurrence(mode, stacked, first, w_ih, w_hh, b_ih, b_hh, k, gamma, True, tol, backend)
+    return states
 
 
 def swap_cell_loops(gm: fx.GraphModule, *, k: int, gamma: float, min_steps: int = 2,

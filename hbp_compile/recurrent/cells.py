@@ -109,7 +109,10 @@ class LSTMCell(Cell):
     mode, num_states, num_gates = "lstm", 2, 4
 
     def coefficients(self, states, gi, w_hh, b_hh):
-        pre = gi + _hidden_projection(states[:, 1], w_hh, b_hh)
+        return self.coefficients_from_gates(states, gi + _hidden_projection(states[:, 1], w_hh, b_hh))
+
+    def coefficients_from_gates(self, states: Tensor, pre: Tensor) -> Coefficients:
+        """``coefficients`` from the pre-activation gates ``gi + gh`` of every step ``(T, B, 4H)``."""
         i, f, g, o = pre.chunk(4, -1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         tanh_c = torch.tanh(torch.addcmul(i * g, f, states[:, 0]))

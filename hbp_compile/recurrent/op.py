@@ -52,8 +52,11 @@ def _params(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
 
 def _all_states(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                b_hh: Tensor | None, k: int, gamma: float, step_kernel: bool = False, tol: float = 0.0,
-               backend: str = "eager") -> Tensor:
-    """All states ``(T+1, m, B, H)`` of one recurrent layer over a time-major ``input`` ``(T, B, D)``.
+               backend: str = "eager") -> tuple[Tensor, Tensor]:
+    """All states ``(T+1, m, B, H)`` of one recurrent layer over a time-major ``input`` ``(T, B, D)``,
+    and what the backward reads of the forward beside them: for the fused LSTM the pre-activation
+    gates of every step ``(T, B, 4H)``, computed anyway for the cell states (the backward would
+    compute them a third time), else an empty tensor. Only the states carry a gradient.
 
     ``state0`` is ``(m, B, H)``: ``[h]``, or ``[c, h]`` for LSTM. With ``step_kernel`` the forward is a
     loop of the one-step kernels (``torch.gru_cell`` ...), bit-identical to a user's loop over
@@ -64,16 +67,16 @@ def _all_states(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Te
     >>> T, B, D, H = 5, 2, 3, 4
     >>> gru = torch.nn.GRU(D, H)
     >>> x, h0 = torch.randn(T, B, D), torch.zeros(1, B, H)
-    >>> states = torch.ops.hbp.recurrence("gru", x, h0, *gru.parameters(), 3, 0.0)
+    >>> states, _ = torch.ops.hbp.recurrence("gru", x, h0, *gru.parameters(), 3, 0.0)
     >>> torch.allclose(states[1:, 0], gru(x, h0)[0])
     True
     """
     if step_kernel:
-        return _step_loop(mode, input, state0, w_ih, w_hh, b_ih, b_hh)
+        return _step_loop(mode, input, state0, w_ih, w_hh, b_ih, b_hh), input.new_empty(0)
     params = _params(w_ih, w_hh, b_ih, b_hh)
     if mode != "lstm":
         out, _ = _KERNELS[mode](input, state0, params, b_ih is not None, 1, 0.0, False, False, False)
-        return torch.cat([state0, out]).unsqueeze(1)
+        return torch.cat([state0, out]).unsqueeze(1), input.new_empty(0)
     c0, h0 = state0[0], state0[1]
     out, _, _ = torch.lstm(input, (h0[None], c0[None]), params, b_ih is not None, 1, 0.0, False, False, False)
     hs = torch.cat([h0[None], out])
@@ -81,7 +84,7 @@ def _all_states(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Te
     i, f, g, _ = gates.chunk(4, -1)
     cs = linear_scan(torch.cat([c0[None], torch.sigmoid(i) * torch.tanh(g)]),
                      torch.cat([torch.zeros_like(c0[None]), torch.sigmoid(f)]))
-    return torch.stack([cs, hs], 1)
+    return torch.stack([cs, hs], 1), gates
 
 
 recurrence = torch.library.custom_op("hbp::recurrence", mutates_args=())(_all_states)
@@ -104,7 +107,8 @@ def _step_loop(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Ten
 
 @recurrence.register_fake
 def _(mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma, step_kernel=False, tol=0.0, backend="eager"):
-    return input.new_empty((input.shape[0] + 1, *state0.shape))
+    gates = (input.shape[0], input.shape[1], w_ih.shape[0]) if mode == "lstm" and not step_kernel else (0,)
+    return input.new_empty((input.shape[0] + 1, *state0.shape)), input.new_empty(gates)
 
 
 def _setup_context(ctx, inputs, output):
@@ -113,7 +117,9 @@ def _setup_context(ctx, inputs, output):
     a = args.arguments
     ctx.mode, ctx.k, ctx.gamma, ctx.tol, ctx.backend = a["mode"], a["k"], a["gamma"], a["tol"], a["backend"]
     ctx.num_inputs = len(inputs)
-    ctx.save_for_backward(a["input"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], output)
+    states, gates = output
+    ctx.mark_non_differentiable(gates)
+    ctx.save_for_backward(a["input"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], states, gates)
 
 
 @functools.cache
@@ -143,9 +149,31 @@ def _coefficients(mode: str, backend: str, biased: bool) -> Callable[..., Coeffi
     return run
 
 
+@functools.cache
+def _coefficients_from_gates(mode: str, backend: str) -> Callable[[Tensor, Tensor], Coefficients]:
+    """``(states, pre-activation gates) -> Coefficients``: the cell's VJP coefficients of all steps from
+    the gates the forward computed (one fused pointwise kernel under Inductor)."""
+    cell = CELLS[mode]
+    present: list[bool] = []
+
+    def coefficients(states: Tensor, gates: Tensor) -> tuple:
+        fields = cell.coefficients_from_gates(states, gates).fields()
+        present[:] = [f is not None for f in fields]
+        return tuple(f for f in fields if f is not None)
+
+    kernel = GraphKernel(coefficients, backend)
+
+    def run(states: Tensor, gates: Tensor) -> Coefficients:
+        found = iter(kernel(states, gates))
+        return Coefficients(*(next(found) if p else None for p in present))
+
+    return run
+
+
 def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, states: Tensor, input: Tensor,
                      weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None], needs_grad: PerInput[bool],
-                     tol: float = 0.0, backend: str = "eager") -> PerInput[Tensor | None]:
+                     tol: float = 0.0, backend: str = "eager", gates: Tensor | None = None
+                     ) -> PerInput[Tensor | None]:
     """Gradients of ``(input, state0, w_ih, w_hh, b_ih, b_hh)`` given the cotangents of all states.
 
     The cell's VJP coefficients are computed once (``cells.py``); an iteration is then one multiply,
@@ -156,7 +184,10 @@ def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, state
     w_ih, w_hh, b_ih, b_hh = weights
     steps, hidden = states.shape[0] - 1, cell.num_states - 1
     x = states[:-1]
-    coef = _coefficients(mode, backend, b_ih is not None)(x, input, w_ih, w_hh, b_ih, b_hh)
+    if gates is not None:  # the forward's pre-activations (fused LSTM): no projection to redo
+        coef = _coefficients_from_gates(mode, backend)(x, gates.to(states.dtype))
+    else:
+        coef = _coefficients(mode, backend, b_ih is not None)(x, input, w_ih, w_hh, b_ih, b_hh)
     # K = 0 (plain RNN): nothing travels along the residual path, and the scan only adds a and v
     scan = ResidualScan(0.0 if mode.startswith("rnn") else coef.k_diag if not gamma else (1.0 - gamma) * coef.k_diag,
                         steps + 1)
@@ -193,13 +224,13 @@ def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, state
     )
 
 
-def _backward(ctx, grad_states):
+def _backward(ctx, grad_states, _grad_gates):
     refuse_double_backward("recurrence")
-    input, w_ih, w_hh, b_ih, b_hh, states = ctx.saved_tensors
+    input, w_ih, w_hh, b_ih, b_hh, states, gates = ctx.saved_tensors
     with without_autocast():  # as the chains' backward: the op's dtypes are the forward's
         grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
                                  (w_ih, w_hh, b_ih, b_hh), PerInput(*ctx.needs_input_grad[1:7]), ctx.tol,
-                                 backend=ctx.backend)
+                                 backend=ctx.backend, gates=gates if gates.numel() else None)
     return (None, *grads, *[None] * (ctx.num_inputs - 1 - len(grads)))
 
 

@@ -90,7 +90,7 @@ def highway_rnn(mode: str, k: int, gamma: float, input: Tensor, hx, params, has_
                 weights += [None, None]
             state0 = torch.stack([c0[index], h0[index]]) if lstm else h0[index].unsqueeze(0)
             sequence = layer_input if direction == 0 else layer_input.flip(0)
-            states = torch.ops.hbp.recurrence(mode, sequence, state0, *weights, k, gamma, False, tol, backend)
+            states, _ = torch.ops.hbp.recurrence(mode, sequence, state0, *weights, k, gamma, False, tol, backend)
             out = states[1:, -1]
             outputs.append(out if direction == 0 else out.flip(0))
             last_h.append(states[-1, -1])
