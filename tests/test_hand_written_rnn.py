@@ -96,15 +96,17 @@ class _LSTMStep:
 class HandLSTM(nn.Module):
     """LSTM equations written out in a loop over time, as people write them: (c, h) is the state."""
 
-    def __init__(self, d_in: int = 3, hidden: int = 5, batch: int = 2, *, fused: bool = True, taps: bool = True,
+    def __init__(self, d_in: int = 3, hidden: int = 5, batch: int = 2, *, layout: str = "ih+hh", taps: bool = True,
                  zero_start: bool = False):
         super().__init__()
-        self.fused, self.taps, self.zero_start = fused, taps, zero_start
-        if fused:  # one matmul for all four gates, chunked
+        self.layout, self.taps, self.zero_start = layout, taps, zero_start
+        if layout == "ih+hh":  # nn.LSTM's: the input and the hidden projection of all four gates, chunked
             self.ih = nn.Linear(d_in, 4 * hidden)
             self.hh = nn.Linear(hidden, 4 * hidden, bias=False)
-        else:  # one Linear per gate on cat([x, h])
+        elif layout == "per gate":  # one Linear per gate on cat([x, h])
             self.gate = nn.ModuleDict({name: nn.Linear(d_in + hidden, hidden) for name in "ifgo"})
+        else:  # "cat([h, x]) chunked": one Linear over cat([h, x]), chunked into the four gates
+            self.hx = nn.Linear(hidden + d_in, 4 * hidden)
         self.head = nn.Linear(hidden, 1)
         self.shape = (batch, hidden)
         if not zero_start:
@@ -112,11 +114,13 @@ class HandLSTM(nn.Module):
             self.c0 = nn.Parameter(0.5 * torch.randn(batch, hidden))
 
     def gates(self, x_t, h):
-        if self.fused:
+        if self.layout == "ih+hh":
             i, f, g, o = (self.ih(x_t) + self.hh(h)).chunk(4, -1)
-        else:
+        elif self.layout == "per gate":
             u = torch.cat([x_t, h], -1)
             i, f, g, o = (self.gate[name](u) for name in "ifgo")
+        else:
+            i, f, g, o = self.hx(torch.cat([h, x_t], -1)).chunk(4, -1)
         return torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
 
     def start(self, x):
@@ -147,15 +151,16 @@ class HandLSTM(nn.Module):
         return torch.tanh(self.head(states[-1][1])).pow(2).sum() + states[-1][0].square().sum()
 
 
-@pytest.mark.parametrize("k,fused,taps,zero_start", [
-    *((k, True, True, False) for k in (0, 1, 3, 100)),  # fused gates, every step's h read
-    (3, False, False, False), (100, False, False, False),  # a Linear per gate on cat([x, h]); last (h, c) read
-    (100, True, True, True),  # h = c = zeros(...): one value starts both components
+@pytest.mark.parametrize("k,layout,taps,zero_start", [
+    *((k, "ih+hh", True, False) for k in (0, 1, 3, 100)),  # nn.LSTM's layout, every step's h read
+    # a Linear per gate on cat([x, h]); one Linear over cat([h, x]) chunked; the last (h, c) read
+    *((k, layout, False, False) for layout in ("per gate", "cat([h, x]) chunked") for k in (0, 1, 3, 100)),
+    (100, "ih+hh", True, True),  # h = c = zeros(...): one value starts both components
 ])
-def test_hand_written_lstm_is_one_chain_over_time_and_matches_theorem_2(k, fused, taps, zero_start):
+def test_hand_written_lstm_is_one_chain_over_time_and_matches_theorem_2(k, layout, taps, zero_start):
     torch.manual_seed(0)
     steps = 10
-    model = HandLSTM(fused=fused, taps=taps, zero_start=zero_start).double()
+    model = HandLSTM(layout=layout, taps=taps, zero_start=zero_start).double()
     x = torch.randn(steps, 2, 3, dtype=torch.float64)
     want = highway_reference_grads(model, x, k) if k < steps else autograd_grads(model, x)[1]
     model.zero_grad()
