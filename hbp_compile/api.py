@@ -158,8 +158,9 @@ class HighwayModule(OptimizedModule):
 
     @property
     def hbp_iterations(self) -> dict[str, IterationUsage]:
-        """Per rewritten chain (``"graph 0 chain 0"``), how many Highway-BP iterations its backward
-        passes ran: ``.last`` and the histogram ``.counts``. With ``k="auto"`` this is the k it chose."""
+        """Per rewritten chain (``"graph 0 chain 0"``) and swapped recurrence (``"graph 0 recurrence 0"``,
+        every layer and direction of it together), how many Highway-BP iterations its backward passes
+        ran: ``.last`` and the histogram ``.counts``. With ``k="auto"`` this is the k it chose."""
         usage = {}
         for record in self.hbp_backend.records:
             if record.rewritten is None:
@@ -167,6 +168,8 @@ class HighwayModule(OptimizedModule):
             for name, module in record.rewritten.named_modules():
                 if isinstance(module, ChainModule):
                     usage[f"graph {record.index} {name.replace('hbp_', '').replace('_', ' ')}"] = module.program.usage
+            for i, recurrence in enumerate(r for r in record.recurrences if r.swapped and r.mode != "scan"):
+                usage[f"graph {record.index} recurrence {i}"] = recurrence.usage
         return usage
 
     @property

@@ -173,6 +173,8 @@ class HbpBackend:
                 raise _StageFailed(Fallback.FORWARD_MISMATCH, mismatch)
         with _stage(Fallback.DRY_RUN_FAILED):
             record.dry_run_peak = dry_run(record.rewritten, example_inputs, measure_peak=bool(o.debug_dir))
+        for recurrence in record.recurrences:  # as dry_run does for the chains: its counts are not training's
+            recurrence.usage.reset()
 
     def _keep_the_chains_that_work(self, record: GraphRecord, gm: fx.GraphModule, to_capture: fx.GraphModule,
                                    example_inputs: Sequence[torch.Tensor], swapped: tuple[Recurrence, ...],

@@ -71,7 +71,11 @@ def test_auto_on_a_recurrence_logs_the_k_and_equals_fixed_k(caplog):
     (line,) = [r.getMessage() for r in caplog.records if "recurrence gru" in r.getMessage()]
     used = int(line.split(": ")[1].split()[0])
     assert 1 <= used <= 9
-    assert max_relative_error(got, _run(model, x, k=used)[1]) < 1e-12
+    compiled, _ = _run(model, x, k="auto", tol=1e-2)
+    assert {name: u.last for name, u in compiled.hbp_iterations.items()} == {"graph 0 recurrence 0": used}
+    compiled, fixed = _run(model, x, k=used)
+    assert max_relative_error(got, fixed) < 1e-12
+    assert compiled.hbp_iterations["graph 0 recurrence 0"].counts == {used: 1}
 
 
 @pytest.mark.parametrize("bad", [{"k": "fast"}, {"k": "auto", "tol": 0.0}, {"k": "auto", "tol": 2.0},

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..graph_utils import copy_source_meta, descendants, module_path, stable_topological_sort
-from .op import recurrence  # noqa: F401  (registers torch.ops.hbp.recurrence)
+from .op import recurrence, register_usage  # noqa: F401  (recurrence registers torch.ops.hbp.recurrence)
 from .swap import Recurrence
 
 _CELL_CALLS = {torch.lstm_cell: "lstm", torch.gru_cell: "gru", torch.rnn_tanh_cell: "rnn_tanh",
@@ -60,7 +60,7 @@ def _next_call(call: fx.Node) -> fx.Node | None:
 
 
 def _cell_loop_states(mode: str, k: int, gamma: float, inputs: list, state0: tuple, w_ih, w_hh, b_ih, b_hh,
-                      tol: float = 0.0, backend: str = "eager"):
+                      tol: float = 0.0, backend: str = "eager", usage: str = ""):
     """All states ``(T+1, m, B, H)`` of the loop (traced by make_fx into stack + one recurrence).
     ``inputs`` is the steps' inputs, or the tensor they are the consecutive rows of."""
     stacked = inputs if isinstance(inputs, torch.Tensor) else torch.stack(list(inputs))
@@ -69,7 +69,8 @@ def _cell_loop_states(mode: str, k: int, gamma: float, inputs: list, state0: tup
         first = torch.stack([c0, h0])
     else:
         first = state0[0].unsqueeze(0)
-    states, _ = torch.ops.hbp.recurrence(mode, stacked, first, w_ih, w_hh, b_ih, b_hh, k, gamma, True, tol, backend)
+    states, _ = torch.ops.hbp.recurrence(mode, stacked, first, w_ih, w_hh, b_ih, b_hh, k, gamma, True, tol, backend,
+                                         usage)
     return states
 
 
@@ -90,7 +91,7 @@ def swap_cell_loops(gm: fx.GraphModule, *, k: int, gamma: float, min_steps: int 
         if len(run) < min_steps or any(call.args[0] in inside for call in run):
             continue  # too short, or inputs computed from the loop's own states (autoregressive)
         found.append(Recurrence(mode, module_path(first), 1, False, len(run), cell_loop=True))
-        _replace(gm.graph, run, mode, k, gamma, tol, backend)
+        _replace(gm.graph, run, mode, k, gamma, tol, backend, register_usage(found[-1].usage))
     if found:
         gm.graph.eliminate_dead_code()
         stable_topological_sort(gm.graph)
@@ -115,13 +116,13 @@ def _step_inputs(run: list[fx.Node]) -> fx.Node | list:
 
 
 def _replace(graph: fx.Graph, run: list[fx.Node], mode: str, k: int, gamma: float, tol: float,
-             backend: str) -> None:
+             backend: str, usage: str) -> None:
     first, last = run[0], run[-1]
     weights = list(first.args[2:]) + [None] * (6 - len(first.args))
     with graph.inserting_after(last):
         states = graph.call_function(
             _cell_loop_states,
-            (mode, k, gamma, _step_inputs(run), _state_inputs(first), *weights[:4], tol, backend),
+            (mode, k, gamma, _step_inputs(run), _state_inputs(first), *weights[:4], tol, backend, usage),
         )
     copy_source_meta(states, first)
     hidden = 1 if mode == "lstm" else 0

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
+import weakref
 from collections.abc import Callable
 from typing import Generic, NamedTuple, TypeVar
 
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine.iterate import refuse_double_backward, run_iterations
+from ..engine.iterate import IterationUsage, refuse_double_backward, run_iterations
 from ..engine.scans import ResidualScan, linear_scan
 from ..compile import GraphKernel, without_autocast
 from .cells import CELLS, Coefficients
@@ -46,13 +48,32 @@ class PerInput(NamedTuple, Generic[V]):
     b_hh: V
 
 
+# Where a recurrence's backward records its iterations (``hbp_iterations``, ``k="auto"``): the op's
+# arguments can only be tensors and scalars, so its ``usage`` argument names an IterationUsage here,
+# kept alive by the ``Recurrence`` record of the graph that holds the op.
+_USAGES: weakref.WeakValueDictionary[str, IterationUsage] = weakref.WeakValueDictionary()
+_usage_ids = itertools.count()
+
+
+def register_usage(usage: IterationUsage) -> str:
+    """The key under which the backward of an ``hbp::recurrence`` call records into ``usage``.
+
+    >>> usage = IterationUsage()
+    >>> register_usage(usage).startswith("recurrence")
+    True
+    """
+    key = f"recurrence{next(_usage_ids)}"
+    _USAGES[key] = usage
+    return key
+
+
 def _params(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> list[Tensor]:
     return [w_ih, w_hh] if b_ih is None else [w_ih, w_hh, b_ih, b_hh]
 
 
 def _all_states(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                b_hh: Tensor | None, k: int, gamma: float, step_kernel: bool = False, tol: float = 0.0,
-               backend: str = "eager") -> tuple[Tensor, Tensor]:
+               backend: str = "eager", usage: str = "") -> tuple[Tensor, Tensor]:
     """All states ``(T+1, m, B, H)`` of one recurrent layer over a time-major ``input`` ``(T, B, D)``,
     and what the backward reads of the forward beside them: for the fused LSTM the pre-activation
     gates of every step ``(T, B, 4H)``, computed anyway for the cell states (the backward would
@@ -63,6 +84,7 @@ def _all_states(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Te
     ``nn.GRUCell``; else the fused sequence kernel of ``nn.GRU``, bit-identical to the module.
     ``tol > 0``: the backward runs at most ``k`` iterations and stops once converged (``k="auto"``).
     ``backend="inductor"``: the backward's once-per-backward coefficients are an Inductor kernel.
+    ``usage``: a ``register_usage`` key; each backward records the iterations it ran there.
 
     >>> T, B, D, H = 5, 2, 3, 4
     >>> gru = torch.nn.GRU(D, H)
@@ -106,7 +128,7 @@ def _step_loop(mode: str, input: Tensor, state0: Tensor, w_ih: Tensor, w_hh: Ten
 
 
 @recurrence.register_fake
-def _(mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma, step_kernel=False, tol=0.0, backend="eager"):
+def _(mode, input, state0, w_ih, w_hh, b_ih, b_hh, k, gamma, step_kernel=False, tol=0.0, backend="eager", usage=""):
     gates = (input.shape[0], input.shape[1], w_ih.shape[0]) if mode == "lstm" and not step_kernel else (0,)
     return input.new_empty((input.shape[0] + 1, *state0.shape)), input.new_empty(gates)
 
@@ -116,6 +138,7 @@ def _setup_context(ctx, inputs, output):
     args.apply_defaults()
     a = args.arguments
     ctx.mode, ctx.k, ctx.gamma, ctx.tol, ctx.backend = a["mode"], a["k"], a["gamma"], a["tol"], a["backend"]
+    ctx.usage = a["usage"]
     ctx.num_inputs = len(inputs)
     states, gates = output
     ctx.mark_non_differentiable(gates)
@@ -172,8 +195,8 @@ def _coefficients_from_gates(mode: str, backend: str) -> Callable[[Tensor, Tenso
 
 def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, states: Tensor, input: Tensor,
                      weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None], needs_grad: PerInput[bool],
-                     tol: float = 0.0, backend: str = "eager", gates: Tensor | None = None
-                     ) -> PerInput[Tensor | None]:
+                     tol: float = 0.0, backend: str = "eager", gates: Tensor | None = None,
+                     usage: IterationUsage | None = None) -> PerInput[Tensor | None]:
     """Gradients of ``(input, state0, w_ih, w_hh, b_ih, b_hh)`` given the cotangents of all states.
 
     The cell's VJP coefficients are computed once (``cells.py``); an iteration is then one multiply,
@@ -208,7 +231,9 @@ def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, state
         out = buffers[0] if buffers[0] is not w[0] else buffers[1]
         return [scan(a, v, out=out)]
 
-    (w,), _ = run_iterations([scan(a)], step, max_iterations=min(k, steps), tol=tol, what=f"recurrence {mode}")
+    (w,), used = run_iterations([scan(a)], step, max_iterations=min(k, steps), tol=tol, what=f"recurrence {mode}")
+    if usage is not None:
+        usage.record(used)
     cell.hidden_cotangent(coef, w[1:], out=d_gh)
     flat = d_gh.flatten(0, 1).flatten(1)
     grad_w_hh = flat.t() @ x[:, hidden].flatten(0, -2) if needs_grad.w_hh else None
@@ -230,7 +255,8 @@ def _backward(ctx, grad_states, _grad_gates):
     with without_autocast():  # as the chains' backward: the op's dtypes are the forward's
         grads = highway_backward(ctx.mode, ctx.k, ctx.gamma, grad_states, states, input,
                                  (w_ih, w_hh, b_ih, b_hh), PerInput(*ctx.needs_input_grad[1:7]), ctx.tol,
-                                 backend=ctx.backend, gates=gates if gates.numel() else None)
+                                 backend=ctx.backend, gates=gates if gates.numel() else None,
+                                 usage=_USAGES.get(ctx.usage))
     return (None, *grads, *[None] * (ctx.num_inputs - 1 - len(grads)))
 
 

@@ -9,16 +9,17 @@ they are, and the reason is recorded.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..engine.iterate import IterationUsage
 from ..graph_utils import module_path
 from .cells import CELLS
-from .op import recurrence  # noqa: F401  (registers torch.ops.hbp.recurrence)
+from .op import recurrence, register_usage  # noqa: F401  (recurrence registers torch.ops.hbp.recurrence)
 
 _MODES = {torch.lstm: "lstm", torch.gru: "gru", torch.rnn_tanh: "rnn_tanh", torch.rnn_relu: "rnn_relu"}
 RNN_CALLS = tuple(_MODES)
@@ -38,6 +39,8 @@ class Recurrence:
     reason: str = ""
     cell_loop: bool = False  # a Python loop over a cell module, not an nn.RNN-style module
     formula: str = ""  # the residual of a scan's combine function, as the report writes it
+    # the iterations its backward passes ran, all layers and directions together (``hbp_iterations``)
+    usage: IterationUsage = field(default_factory=IterationUsage, compare=False, repr=False)
 
     @property
     def swapped(self) -> bool:
@@ -65,7 +68,7 @@ class Recurrence:
 
 def highway_rnn(mode: str, k: int, gamma: float, input: Tensor, hx, params, has_biases: bool, num_layers: int,
                 dropout: float, train: bool, bidirectional: bool, batch_first: bool, *, tol: float = 0.0,
-                backend: str = "eager"):
+                backend: str = "eager", usage: str = ""):
     """What ``torch.<mode>(input, hx, params, ...)`` computes, one ``hbp::recurrence`` per layer-direction.
 
     >>> lstm = torch.nn.LSTM(3, 4, num_layers=2)
@@ -90,7 +93,8 @@ def highway_rnn(mode: str, k: int, gamma: float, input: Tensor, hx, params, has_
                 weights += [None, None]
             state0 = torch.stack([c0[index], h0[index]]) if lstm else h0[index].unsqueeze(0)
             sequence = layer_input if direction == 0 else layer_input.flip(0)
-            states, _ = torch.ops.hbp.recurrence(mode, sequence, state0, *weights, k, gamma, False, tol, backend)
+            states, _ = torch.ops.hbp.recurrence(mode, sequence, state0, *weights, k, gamma, False, tol, backend,
+                                                 usage)
             out = states[1:, -1]
             outputs.append(out if direction == 0 else out.flip(0))
             last_h.append(states[-1, -1])
@@ -140,7 +144,7 @@ def swap_recurrences(gm: fx.GraphModule, *, k: int, gamma: float, tol: float = 0
         assert mode in CELLS
         node.target = highway_rnn
         node.args = (mode, k, gamma, *node.args)
-        node.kwargs = {"tol": tol, "backend": backend}
+        node.kwargs = {"tol": tol, "backend": backend, "usage": register_usage(info.usage)}
     if any(r.swapped for r in found):
         gm.graph.lint()
         gm.recompile()
