@@ -145,29 +145,44 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(a["input"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], states, gates)
 
 
-@functools.cache
-def _coefficients(mode: str, backend: str, biased: bool) -> Callable[..., Coefficients]:
-    """``(states, input, w_ih, w_hh, b_ih, b_hh) -> Coefficients``: the input projection and the cell's
-    VJP coefficients of all steps; under Inductor one fused kernel around two matmuls.
+def _coefficient_kernel(compute: Callable[..., Coefficients], backend: str) -> Callable[..., Coefficients]:
+    """``compute`` as one compiled kernel (a ``GraphKernel``, which returns tensors only): the fields the
+    cell leaves ``None`` are dropped from its outputs and put back around them.
 
     A ``GraphKernel``, not a ``torch.compile``d function: one function serves every model and every
     shape, and dynamo would count each shape against its recompile limit, which the compile-time
-    training step of a model's ninth batch shape then hit (the model fell back to exact backprop)."""
-    cell = CELLS[mode]
+    training step of a model's fifth batch shape then hit (the model fell back to exact backprop)."""
     present: list[bool] = []  # which Coefficients fields the cell fills (set while the kernel traces)
 
-    def coefficients(states: Tensor, input: Tensor, w_ih: Tensor, w_hh: Tensor, *biases: Tensor) -> tuple:
-        b_ih, b_hh = biases if biased else (None, None)
-        fields = cell.coefficients(states, F.linear(input, w_ih, b_ih), w_hh, b_hh).fields()
-        present[:] = [f is not None for f in fields]
-        return tuple(f for f in fields if f is not None)
+    def fields(*args: Tensor) -> tuple[Tensor, ...]:
+        found = compute(*args).fields()
+        present[:] = [f is not None for f in found]
+        return tuple(f for f in found if f is not None)
 
-    kernel = GraphKernel(coefficients, backend)
+    kernel = GraphKernel(fields, backend)
+
+    def run(*args: Tensor) -> Coefficients:
+        found = iter(kernel(*args))
+        return Coefficients(*(next(found) if p else None for p in present))
+
+    return run
+
+
+@functools.cache
+def _coefficients(mode: str, backend: str, biased: bool) -> Callable[..., Coefficients]:
+    """``(states, input, w_ih, w_hh, b_ih, b_hh) -> Coefficients``: the input projection and the cell's
+    VJP coefficients of all steps; under Inductor one fused kernel around two matmuls."""
+    cell = CELLS[mode]
+
+    def coefficients(states: Tensor, input: Tensor, w_ih: Tensor, w_hh: Tensor, *biases: Tensor) -> Coefficients:
+        b_ih, b_hh = biases if biased else (None, None)
+        return cell.coefficients(states, F.linear(input, w_ih, b_ih), w_hh, b_hh)
+
+    kernel = _coefficient_kernel(coefficients, backend)
 
     def run(states: Tensor, input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
             b_hh: Tensor | None) -> Coefficients:
-        found = iter(kernel(states, input, w_ih, w_hh, *((b_ih, b_hh) if biased else ())))
-        return Coefficients(*(next(found) if p else None for p in present))
+        return kernel(states, input, w_ih, w_hh, *((b_ih, b_hh) if biased else ()))
 
     return run
 
@@ -176,21 +191,7 @@ def _coefficients(mode: str, backend: str, biased: bool) -> Callable[..., Coeffi
 def _coefficients_from_gates(mode: str, backend: str) -> Callable[[Tensor, Tensor], Coefficients]:
     """``(states, pre-activation gates) -> Coefficients``: the cell's VJP coefficients of all steps from
     the gates the forward computed (one fused pointwise kernel under Inductor)."""
-    cell = CELLS[mode]
-    present: list[bool] = []
-
-    def coefficients(states: Tensor, gates: Tensor) -> tuple:
-        fields = cell.coefficients_from_gates(states, gates).fields()
-        present[:] = [f is not None for f in fields]
-        return tuple(f for f in fields if f is not None)
-
-    kernel = GraphKernel(coefficients, backend)
-
-    def run(states: Tensor, gates: Tensor) -> Coefficients:
-        found = iter(kernel(states, gates))
-        return Coefficients(*(next(found) if p else None for p in present))
-
-    return run
+    return _coefficient_kernel(CELLS[mode].coefficients_from_gates, backend)
 
 
 def highway_backward(mode: str, k: int, gamma: float, grad_states: Tensor, states: Tensor, input: Tensor,
