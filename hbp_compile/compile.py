@@ -27,7 +27,7 @@ import itertools
 import types
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -104,13 +104,13 @@ class GraphKernel:
         self.fn = fn
         self.backend = backend
         self._compiled: dict[tuple, Callable[..., Any]] = {}
-        self._graphs: list[fx.GraphModule] = []  # the graphs handed to Inductor, per signature
-        self._first_call: tuple | None = None  # the first call's arguments, as fake-able descriptions
+        self._graph: fx.GraphModule | None = None  # the first graph handed to Inductor (for the dumps)
+        self._first_call: tuple | None = None  # eager: the first call's arguments, tensors as _TensorSpec
 
     def __call__(self, *args: Any) -> Any:
         if self.backend == "eager":
             if self._first_call is None:
-                self._first_call = tuple(_describe(a) for a in args)
+                self._first_call = tuple(_TensorSpec.of(a) if isinstance(a, torch.Tensor) else a for a in args)
             return self.fn(*args)
         key = tuple((a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else repr(a) for a in args)
         fn = self._compiled.get(key)
@@ -132,7 +132,8 @@ class GraphKernel:
         else:
             with outside_dynamo_tracing():
                 gm = views_as_reshapes(make_fx(self.fn)(*args))
-        self._graphs.append(gm)
+        if self._graph is None:
+            self._graph = gm
         with warnings.catch_warnings():  # compile time only: Inductor reads `.grad` of non-leaf inputs
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
             return inductor_compile_graph(gm, args, INDUCTOR_OPTIONS)
@@ -149,23 +150,29 @@ class GraphKernel:
         """
         from ._torch_compat import FakeTensorMode, make_fx, outside_dynamo_tracing
 
-        if self._graphs:
-            return self._graphs[0]
-        if self._first_call is None:
-            return None
-        mode = FakeTensorMode()
-        with mode:
-            args = [torch.empty_strided(a[1], a[2], dtype=a[3], device=a[4]) if isinstance(a, tuple) and a[:1] == ("tensor",)
-                    else a for a in self._first_call]
+        if self._graph is not None or self._first_call is None:
+            return self._graph
+        with FakeTensorMode():
+            args = [a.fake() if isinstance(a, _TensorSpec) else a for a in self._first_call]
         with outside_dynamo_tracing(), torch.no_grad():
             return make_fx(self.fn, tracing_mode="fake")(*args)
 
 
-def _describe(value: Any) -> Any:
-    """A tensor as ("tensor", shape, stride, dtype, device), anything else as it is."""
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device)
-    return value
+class _TensorSpec(NamedTuple):
+    """What tracing needs of a tensor argument, without keeping the tensor alive."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @staticmethod
+    def of(t: torch.Tensor) -> _TensorSpec:
+        return _TensorSpec(tuple(t.shape), t.stride(), t.dtype, t.device)
+
+    def fake(self) -> torch.Tensor:
+        """An empty tensor like the original (a fake one under a ``FakeTensorMode``)."""
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
 
 
 def _without_grad_attribute_warning(compiled: Callable[..., Any]) -> Callable[..., Any]:

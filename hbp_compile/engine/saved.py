@@ -41,10 +41,12 @@ class SavedLayer:
     backend: str
     chunk: int | None = None  # layers per call of the batched backward (None: all at once)
     _variants: dict = field(default_factory=dict, compare=False, repr=False)
+    # the GraphKernels among the variants, by what they compute (``kernels``)
+    _kernels: dict = field(default_factory=dict, compare=False, repr=False)
 
     def run_forward(self) -> Callable[..., tuple[torch.Tensor, ...]]:
         if "forward" not in self._variants:
-            self._variants["forward"] = GraphKernel(self.forward, self.backend)
+            self._variants["forward"] = self._kernels["forward"] = GraphKernel(self.forward, self.backend)
         return self._variants["forward"]
 
     def batched_forward(self, in_dims: tuple[int | None, ...]) -> Callable[..., tuple[torch.Tensor, ...]]:
@@ -52,7 +54,8 @@ class SavedLayer:
         ``recompute=True`` runs once per backward to get every layer's saved values at once."""
         key = ("forward", in_dims)
         if key not in self._variants:
-            self._variants[key] = GraphKernel(torch.func.vmap(self.forward, in_dims=in_dims), self.backend)
+            self._variants[key] = self._kernels["batched_forward"] = GraphKernel(
+                torch.func.vmap(self.forward, in_dims=in_dims), self.backend)
         return self._variants[key]
 
     def batched_backward(self, wanted: tuple[int, ...], broadcast: tuple[int, ...]) -> Callable[..., tuple]:
@@ -72,7 +75,8 @@ class SavedLayer:
             def present_grads(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
                 return tuple(g.sum(0) if i - 2 in broadcast else g for i, g in zip(present, batched(*args)))
 
-            kernel = self._variants[("kernel", *key)] = GraphKernel(present_grads, self.backend)
+            name = {(1,): "batched_vjp", (0,): "residual_jacobian"}.get(wanted, "weight_vjp")
+            kernel = self._kernels[name] = GraphKernel(present_grads, self.backend)
 
             def run(*args: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
                 if not present:
@@ -89,16 +93,7 @@ class SavedLayer:
         ``forward`` (per layer, ``recompute=False``), ``batched_forward`` (the saved values of every
         layer), ``batched_vjp`` (the block VJP of each iteration), ``residual_jacobian`` (K of a
         non-identity residual, once per backward) and ``weight_vjp`` (the externals' gradients)."""
-        names = {(1,): "batched_vjp", (0,): "residual_jacobian"}
-        found = {}
-        for key, value in self._variants.items():
-            if key == "forward":
-                found["forward"] = value
-            elif key[0] == "forward":
-                found["batched_forward"] = value
-            elif key[0] == "kernel":
-                found[names.get(key[1], "weight_vjp")] = value
-        return found
+        return dict(self._kernels)
 
 
 def _narrow_output_masks(graph: fx.Graph) -> None:
@@ -245,9 +240,9 @@ def _recompute_cheap_values_in_backward(joint_gm: fx.GraphModule) -> None:
         if _is_saved(n):
             return n
         if n not in copies:
-            inputs = {a: copy(a) for a in n.all_input_nodes}
+            args = {a: copy(a) for a in n.all_input_nodes}
             with graph.inserting_before(backward_start):  # the copies open the backward
-                copies[n] = graph.node_copy(n, inputs.__getitem__)
+                copies[n] = graph.node_copy(n, args.__getitem__)
             copies[n].meta.pop("partitioner_tag", None)
         return copies[n]
 
