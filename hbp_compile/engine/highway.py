@@ -44,22 +44,21 @@ class SavedTensors:
     draws: Sequence[torch.Tensor]
     kept: dict[int, tuple[torch.Tensor, ...]]  # layer index -> its saved intermediates
 
-    def flat(self) -> tuple[list[torch.Tensor], tuple[int, ...]]:
-        """The tensors to save, and the counts ``unflatten`` needs to find them again."""
-        layers = tuple(self.kept)
-        counts = (len(self.held), len(self.sides), len(self.draws), *layers, *(len(self.kept[p]) for p in layers))
-        return [*self.held, *self.sides, *self.draws, *(v for p in layers for v in self.kept[p])], counts
+    def flat(self) -> tuple[list[torch.Tensor], tuple]:
+        """The tensors to save, and the counts ``unflatten`` needs to find them again: of the held
+        tensors, the sides and the draws, then (layer, how many) of each layer's kept values."""
+        counts = (len(self.held), len(self.sides), len(self.draws), tuple((p, len(v)) for p, v in self.kept.items()))
+        return [*self.held, *self.sides, *self.draws, *(v for values in self.kept.values() for v in values)], counts
 
     @staticmethod
-    def unflatten(saved: Sequence[torch.Tensor], counts: tuple[int, ...]) -> SavedTensors:
-        num_held, num_sides, num_draws, *rest = counts
-        layers, sizes = rest[: len(rest) // 2], rest[len(rest) // 2:]
+    def unflatten(saved: Sequence[torch.Tensor], counts: tuple) -> SavedTensors:
+        *sizes, kept_sizes = counts
         parts, start = [], 0
-        for size in (num_held, num_sides, num_draws, *sizes):
+        for size in (*sizes, *(n for _, n in kept_sizes)):
             parts.append(tuple(saved[start: start + size]))
             start += size
         held, sides, draws, *kept = parts
-        return SavedTensors(held, sides, draws, dict(zip(layers, kept)))
+        return SavedTensors(held, sides, draws, {p: values for (p, _), values in zip(kept_sizes, kept)})
 
 
 class HighwayChain(torch.autograd.Function):
