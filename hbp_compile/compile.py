@@ -84,9 +84,12 @@ class GraphKernel:
     A layer function runs L times per forward, and a group's batched VJP k+1 times per backward;
     through ``torch.compile`` each call paid guard evaluation, a warning filter and aot_autograd's
     runtime wrappers (121 µs against 39 µs for a small pre-LN MLP layer). Here ``fn`` (an aten
-    ``GraphModule``, or any function, traced to one by ``make_fx`` on the actual inputs) is compiled
-    by Inductor on the first call, once per signature (shapes, strides, dtypes, devices) of the
-    tensors it is called with; every later call is a dict lookup and the artifact. The graph runs as
+    ``GraphModule``, or any function of tensors) is compiled on the first call, once per signature
+    (shapes, strides, dtypes, devices) of the tensors it is called with; every later call is a dict
+    lookup and the artifact. It is traced once, on fake tensors with Inductor's decompositions, and
+    handed to Inductor's inner compiler without aot_autograd's two traces of its own
+    (``_torch_compat.inductor_compile_function``); what that path declines takes the proven one (a
+    ``make_fx`` trace on the real inputs, then ``torch._inductor.compile``). The graph runs as
     traced: outputs that would be ``None`` are not allowed. The graphs are functional (no op mutates),
     so their views are compiled as reshapes (``views_as_reshapes``).
 
@@ -123,19 +126,28 @@ class GraphKernel:
         return fn(*args)
 
     def _compile(self, args: tuple) -> Callable[..., Any]:
-        from ._torch_compat import inductor_compile_graph, make_fx, outside_dynamo_tracing
+        from ._torch_compat import (inductor_compile_function, inductor_compile_graph, make_fx,
+                                    outside_dynamo_tracing)
 
         if isinstance(self.fn, fx.GraphModule):
             # a copy: Inductor rewrites the module it compiles (boxed calling convention), and the
             # original may be shared (the dumps, the eager backend)
             gm = views_as_reshapes(fx.GraphModule(self.fn, copy_graph(self.fn.graph)))
         else:
-            with outside_dynamo_tracing():
-                gm = views_as_reshapes(make_fx(self.fn)(*args))
-        if self._graph is None:
-            self._graph = gm
+            gm = None
         with warnings.catch_warnings():  # compile time only: Inductor reads `.grad` of non-leaf inputs
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            direct = inductor_compile_function(gm if gm is not None else self.fn, args, INDUCTOR_OPTIONS)
+            if direct is not None:
+                compiled, traced = direct
+                if self._graph is None:
+                    self._graph = traced
+                return compiled
+            if gm is None:
+                with outside_dynamo_tracing():
+                    gm = views_as_reshapes(make_fx(self.fn)(*args))
+            if self._graph is None:
+                self._graph = gm
             return inductor_compile_graph(gm, args, INDUCTOR_OPTIONS)
 
     def traced_graph(self) -> fx.GraphModule | None:
