@@ -143,3 +143,40 @@ def test_a_second_compile_of_the_same_layers_comes_from_inductor_s_cache():
         assert not counters["inductor"]["fxgraph_cache_bypass"]
     assert counters["inductor"]["fxgraph_cache_hit"] >= 3 and not counters["inductor"]["fxgraph_cache_miss"]
     _assert_close(grads[1], grads[0])
+
+
+def test_engine_kernels_compile_directly_with_the_former_path_s_values(monkeypatch):
+    """Every kernel of a chain's step takes the direct compile (one fake-tensor trace, then
+    Inductor's ``compile_fx_inner``, no aot_autograd) and computes what the former path
+    (``torch._inductor.compile``) computes; a function with a non-tensor argument, which the direct
+    path declines, still compiles, through the former path."""
+    from hbp_compile import _torch_compat
+    from hbp_compile.compile import GraphKernel
+
+    direct = _torch_compat.inductor_compile_function
+    taken, captured = [], []
+    original = GraphKernel._compile
+
+    def record(kernel, args):
+        captured.append((kernel.fn, tuple(a.clone() for a in args)))
+        return original(kernel, args)
+
+    monkeypatch.setattr(_torch_compat, "inductor_compile_function",
+                        lambda *a, **k: taken.append(direct(*a, **k)) or taken[-1])
+    monkeypatch.setattr(GraphKernel, "_compile", record)
+    model = make(mlp_stack(3, d=8, hidden=16)).float()
+    hbp_compile(model, k=1)(torch.randn(4, 3, generator=torch.Generator().manual_seed(0))).backward()
+    assert len(taken) == len(captured) >= 4 and all(t is not None for t in taken)
+
+    monkeypatch.setattr(GraphKernel, "_compile", original)
+    monkeypatch.setattr(_torch_compat, "inductor_compile_function", lambda *a, **k: None)  # the former path
+    for fn, args in captured:
+        got = GraphKernel(fn, "inductor")(*args)
+        monkeypatch.setattr(_torch_compat, "inductor_compile_function", direct)
+        want = GraphKernel(fn, "inductor")(*args)
+        monkeypatch.setattr(_torch_compat, "inductor_compile_function", lambda *a, **k: None)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    monkeypatch.setattr(_torch_compat, "inductor_compile_function", direct)
+    assert direct(lambda x, n: x * n, (torch.ones(2), 3), {}) is None
+    torch.testing.assert_close(GraphKernel(lambda x, n: x * n, "inductor")(torch.ones(2), 3), torch.full((2,), 3.0))
