@@ -50,6 +50,16 @@ def recompile_limit() -> int:
     return config.recompile_limit
 
 
+def _static_shape_fake_mode():
+    """A fake mode with a shape environment, for a compile in a tracing context of its own (called
+    from inside the backend, whose frame has one). Inductor's FX graph cache bypasses a compile
+    without a shape environment ("No shape env"), so every process, and every model with the same
+    layer, would generate and compile its code again; static shapes keep the artifact specialized."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
+
+
 def inductor_compile_function(fn, example_inputs, options):
     """``fn`` (a function of tensors returning a pytree of tensors) compiled by Inductor without
     dynamo and without aot_autograd: ``(compiled, graph)``, or None where this path cannot take it.
@@ -74,7 +84,6 @@ def inductor_compile_function(fn, example_inputs, options):
     from torch._inductor import config
     from torch._inductor.compile_fx import _recursive_joint_graph_passes, compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     if not all(isinstance(a, torch.Tensor) for a in example_inputs):
         return None
@@ -86,9 +95,7 @@ def inductor_compile_function(fn, example_inputs, options):
         return tuple(leaves)
 
     with config.patch(options):
-        fake_mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
-        # a context of its own, with a shape environment: the FX graph cache bypasses a compile
-        # without one ("No shape env"); static shapes keep the artifact specialized
+        fake_mode = _static_shape_fake_mode()
         with _guards.tracing(_guards.TracingContext(fake_mode)):
             fakes = [fake_mode.from_tensor(a, static_shapes=True) for a in example_inputs]
             try:
@@ -121,16 +128,11 @@ def inductor_compile_graph(gm, example_inputs, options):
     import copy
 
     from torch._inductor import compile as inductor_compile
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    # A context of its own (called from inside the backend, whose frame has one), with a shape
-    # environment: Inductor's FX graph cache bypasses a compile without one ("No shape env"), so
-    # every process, and every model with the same layer, would generate and compile its code again.
-    # Tensors are fakified with static shapes: the artifact stays specialized. Some graphs (a batch
-    # norm's running statistics) make aot_autograd meet a float symbol it cannot place, in its first
-    # pass, before any code generation: those compile as before, without the cache.
+    # Some graphs (a batch norm's running statistics) make aot_autograd meet a float symbol it cannot
+    # place, in its first pass, before any code generation: those compile without the cache.
     try:
-        with _guards.tracing(_guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True))):
+        with _guards.tracing(_guards.TracingContext(_static_shape_fake_mode())):
             return inductor_compile(copy.deepcopy(gm), list(example_inputs), options=options)
     except KeyError:
         with outside_dynamo_tracing():

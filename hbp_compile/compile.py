@@ -129,26 +129,25 @@ class GraphKernel:
         from ._torch_compat import (inductor_compile_function, inductor_compile_graph, make_fx,
                                     outside_dynamo_tracing)
 
-        if isinstance(self.fn, fx.GraphModule):
+        source = self.fn
+        if isinstance(source, fx.GraphModule):
             # a copy: Inductor rewrites the module it compiles (boxed calling convention), and the
             # original may be shared (the dumps, the eager backend)
-            gm = views_as_reshapes(fx.GraphModule(self.fn, copy_graph(self.fn.graph)))
-        else:
-            gm = None
+            source = views_as_reshapes(fx.GraphModule(source, copy_graph(source.graph)))
         with warnings.catch_warnings():  # compile time only: Inductor reads `.grad` of non-leaf inputs
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
-            direct = inductor_compile_function(gm if gm is not None else self.fn, args, INDUCTOR_OPTIONS)
+            direct = inductor_compile_function(source, args, INDUCTOR_OPTIONS)
             if direct is not None:
-                compiled, traced = direct
-                if self._graph is None:
-                    self._graph = traced
-                return compiled
-            if gm is None:
-                with outside_dynamo_tracing():
-                    gm = views_as_reshapes(make_fx(self.fn)(*args))
-            if self._graph is None:
-                self._graph = gm
-            return inductor_compile_graph(gm, args, INDUCTOR_OPTIONS)
+                compiled, gm = direct
+            else:  # the former path: an aten graph traced on the real inputs, through aot_autograd
+                gm = source
+                if not isinstance(gm, fx.GraphModule):
+                    with outside_dynamo_tracing():
+                        gm = views_as_reshapes(make_fx(source)(*args))
+                compiled = inductor_compile_graph(gm, args, INDUCTOR_OPTIONS)
+        if self._graph is None:
+            self._graph = gm
+        return compiled
 
     def traced_graph(self) -> fx.GraphModule | None:
         """The aten graph this kernel runs, for the dumps: the one Inductor compiled (its first

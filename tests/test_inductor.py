@@ -169,13 +169,15 @@ def test_engine_kernels_compile_directly_with_the_former_path_s_values(monkeypat
     assert len(taken) == len(captured) >= 4 and all(t is not None for t in taken)
 
     monkeypatch.setattr(GraphKernel, "_compile", original)
-    monkeypatch.setattr(_torch_compat, "inductor_compile_function", lambda *a, **k: None)  # the former path
+
+    def compiled_through(path, fn, args):
+        monkeypatch.setattr(_torch_compat, "inductor_compile_function", path)
+        return GraphKernel(fn, "inductor")(*args)
+
+    former = lambda *a, **k: None  # noqa: E731 - the direct path declines every graph
     for fn, args in captured:
-        got = GraphKernel(fn, "inductor")(*args)
-        monkeypatch.setattr(_torch_compat, "inductor_compile_function", direct)
-        want = GraphKernel(fn, "inductor")(*args)
-        monkeypatch.setattr(_torch_compat, "inductor_compile_function", lambda *a, **k: None)
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(compiled_through(former, fn, args), compiled_through(direct, fn, args),
+                                   rtol=0, atol=0)
 
     monkeypatch.setattr(_torch_compat, "inductor_compile_function", direct)
     assert direct(lambda x, n: x * n, (torch.ones(2), 3), {}) is None
