@@ -36,12 +36,12 @@ def capturing_rnns(*, fail_on_recompile_limit: bool = False):
     return config.patch(allow_rnn=True)
 
 
-def compile_context(backend):
-    """The dynamo context that ``torch.compile(fn, backend=backend, dynamic=False)`` applies: what an
+def compile_context(backend, dynamic=None):
+    """The dynamo context that ``torch.compile(fn, backend=backend, dynamic=dynamic)`` applies: what an
     ``OptimizedModule`` keeps as ``dynamo_ctx`` (Lightning wraps ``training_step`` with it)."""
     import torch._dynamo
 
-    return torch._dynamo.optimize(backend=backend, dynamic=False)
+    return torch._dynamo.optimize(backend=backend, dynamic=dynamic)
 
 
 def recompile_limit() -> int:

@@ -81,7 +81,9 @@ class HighwayModule(OptimizedModule):
     __delattr__ = torch.nn.Module.__delattr__
     __call__ = torch.nn.Module.__call__
 
-    def __init__(self, model: torch.nn.Module, options: HbpOptions):
+    def __init__(self, model: torch.nn.Module, options: HbpOptions, dynamic: bool | None = None):
+        if dynamic not in (None, True, False):
+            raise TypeError(f"hbp_compile: dynamic must be None, True or False (as torch.compile's), got {dynamic!r}")
         # OptimizedModule's ``training`` property reads this flag while nn.Module.__init__ runs
         object.__setattr__(self, "_super_module_initialized", False)
         torch.nn.Module.__init__(self)
@@ -89,9 +91,13 @@ class HighwayModule(OptimizedModule):
         self._orig_mod = model
         self.hbp_options = options
         self.hbp_backend = HbpBackend(options, quiet_no_chain=True)
-        self._compiled = torch.compile(_fresh_entry(model), backend=self.hbp_backend, dynamic=False)
+        self.dynamic = dynamic
+        # torch.compile's own rule for shapes: the first call specializes, a shape that changes makes
+        # dynamo trace once more with symbolic sizes, and that graph serves every later shape (the
+        # backend rewrites it at each concrete shape: shapes.py)
+        self._compiled = torch.compile(_fresh_entry(model), backend=self.hbp_backend, dynamic=dynamic)
         # what Lightning's ``from_compiled`` wraps ``training_step`` with: the same Highway-BP backend
-        self.dynamo_ctx = compile_context(self.hbp_backend)
+        self.dynamo_ctx = compile_context(self.hbp_backend, dynamic)
         self._register_load_state_dict_pre_hook(_keys_under_orig_mod)
         self.forward = _with_signature_of(model, self._highway_forward)
         self.uncaptured_calls = 0  # calls that ran the original model: past the recompile limit, or never captured
@@ -133,12 +139,12 @@ class HighwayModule(OptimizedModule):
 
     def __reduce__(self) -> tuple[Any, ...]:  # type: ignore[override]
         # pickled as the model and the options; the captured graphs are rebuilt on the first call
-        return (HighwayModule, (self._orig_mod, self.hbp_options))
+        return (HighwayModule, (self._orig_mod, self.hbp_options, self.dynamic))
 
     def __deepcopy__(self, memo: dict) -> "HighwayModule":
         """A compiled copy of a deep copy of the model (the captured graphs hold fake tensors and
         compiled code, which are rebuilt on the copy's first call rather than copied)."""
-        return HighwayModule(copy.deepcopy(self._orig_mod, memo), self.hbp_options)
+        return HighwayModule(copy.deepcopy(self._orig_mod, memo), self.hbp_options, self.dynamic)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         return self._orig_mod.state_dict(*args, **kwargs)
@@ -180,7 +186,8 @@ class HighwayModule(OptimizedModule):
 
 def hbp_compile(model: torch.nn.Module, k: int | str = 3, *, gamma: float = 0.0, backend: str | None = None,
                 recompute: bool = True, tol: float = 1e-3, k_max: int | None = None, min_layers: int = 2,
-                debug_dir: str | None = None, strict: bool | None = None, chunk: int | None = None) -> HighwayModule:
+                debug_dir: str | None = None, strict: bool | None = None, chunk: int | None = None,
+                dynamic: bool | None = None) -> HighwayModule:
     """Train ``model`` with Highway backpropagation truncated at ``k`` iterations.
 
     The model is captured with torch.compile on its first call; its chains of residual layers get a
@@ -188,6 +195,10 @@ def hbp_compile(model: torch.nn.Module, k: int | str = 3, *, gamma: float = 0.0,
     ``backend="inductor"`` (default) generates code for the layer functions, the batched VJPs, the
     scans and the code around the chains; ``"eager"`` runs the same rewrite uncompiled. Options are
     described in ``HbpOptions`` (``backend=None`` reads ``$HBP_BACKEND``, default Inductor).
+    ``dynamic`` is ``torch.compile``'s: ``None`` (default) specializes on the first call's shapes and
+    traces once more with symbolic sizes when a shape changes; ``False`` traces every new shape
+    again (up to dynamo's recompile limit); ``True`` traces with symbolic sizes from the first call.
+    The chains are rewritten at each concrete shape either way (docs/limitations.md).
 
     >>> import torch
     >>> from hbp_compile import hbp_compile
@@ -205,7 +216,7 @@ def hbp_compile(model: torch.nn.Module, k: int | str = 3, *, gamma: float = 0.0,
         raise TypeError(f"hbp_compile: model must be a torch.nn.Module, got {type(model).__name__}")
     options = HbpOptions(k=k, gamma=gamma, backend=backend, recompute=recompute, min_layers=min_layers,
                          debug_dir=debug_dir, tol=tol, k_max=k_max, strict=strict, chunk=chunk)
-    return HighwayModule(model, options)
+    return HighwayModule(model, options, dynamic)
 
 
 def explain(model: torch.nn.Module, *args: Any, k: int | str | None = None, gamma: float | None = None,

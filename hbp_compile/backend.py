@@ -29,6 +29,7 @@ from .recurrent.cell_loops import CELL_CALLS, swap_cell_loops
 from .recurrent.scan_hop import rewrite_scans
 from .recurrent.swap import RNN_CALLS, Recurrence, swap_recurrences
 from .rewrite import rewrite_chains
+from .shapes import PerShape, has_symbolic_sizes
 from .unsupported import find_unsupported_features
 from .verify import dry_run, forward_mismatch, needs_forward_check
 
@@ -72,7 +73,15 @@ class HbpBackend:
         return f"HbpBackend(k={o.k}, gamma={o.gamma}, backend={o.backend!r}, recompute={o.recompute})"
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], **_: object) -> Callable:
-        record = GraphRecord(index=len(self.records), dynamo_graph=gm)
+        if has_symbolic_sizes(gm) and not self.explain_only:
+            # one dynamo graph for every shape: rewritten at each shape it is called with (shapes.py)
+            log.info("hbp_compile: a graph with symbolic sizes: rewritten once per input shape")
+            return PerShape(gm, self._compile_graph)
+        return self._compile_graph(gm, example_inputs)
+
+    def _compile_graph(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+                       input_shapes: str = "") -> Callable:
+        record = GraphRecord(index=len(self.records), dynamo_graph=gm, input_shapes=input_shapes)
         self.records.append(record)
         compiled = self._compile(record, gm, example_inputs)
         if self.options.debug_dir:

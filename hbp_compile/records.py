@@ -58,6 +58,8 @@ class GraphRecord:
     recurrences: tuple[Recurrence, ...] = ()
     aten_code: str = ""  # the aten graph before the rewrite edits it in place (kept for dumps)
     dry_run_peak: int | None = None  # bytes, the compile-time training step's peak (measured for dumps)
+    # the input shapes this graph's rewrite is for, when dynamo traced it with symbolic sizes (shapes.py)
+    input_shapes: str = ""
 
     @property
     def num_layers(self) -> int:

@@ -111,8 +111,10 @@ def test_create_graph_is_refused_by_name(how):
 
 
 def test_past_the_recompile_limit_the_model_warns_and_stays_exact():
+    """With ``dynamic=False`` every batch shape is traced again; past dynamo's limit the original
+    model runs. (The default, automatic dynamic shapes, never gets there: test_dynamic_shapes.py.)"""
     model = make(mlp_stack(3, d=4, hidden=8))
-    compiled = hbp_compile(model, k=3, backend="eager")
+    compiled = hbp_compile(model, k=3, backend="eager", dynamic=False)
     limit = torch._dynamo.config.recompile_limit
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

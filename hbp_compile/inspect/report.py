@@ -67,6 +67,9 @@ def format_report(records: Sequence["GraphRecord"], options: HbpOptions) -> list
     if options.k == "auto":
         lines.append("  (k=auto: the depths below are the worst case, at the iteration cap)")
     for record in records:
+        if record.input_shapes:
+            lines.append(f"region {record.index}: rewritten for inputs of shapes {record.input_shapes} "
+                         "(dynamo's graph has symbolic sizes: one rewrite per shape)")
         if record.fallback is not None:
             lines.append(f"region {record.index}: exact backprop: {record.fallback.value}")
             if record.reason:
