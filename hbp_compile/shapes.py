@@ -140,7 +140,7 @@ class PerShape:
     def _past_the_limit(self, *args: Any) -> Any:
         if not self._warned_full:
             self._warned_full = True
-            warnings.warn(f"hbp_compile: a graph was rewritten for {MAX_SHAPES} distinct input shapes (hbp_compile.shapes."
-                          "MAX_SHAPES); calls at further shapes train with exact backprop. Pad inputs to a few "
-                          "fixed shapes (e.g. bucket sequence lengths)", UserWarning, stacklevel=2)
+            warnings.warn(f"hbp_compile: a graph was rewritten for {MAX_SHAPES} distinct input shapes "
+                          "(hbp_compile.shapes.MAX_SHAPES); calls at further shapes train with exact backprop. "
+                          "Pad inputs to a few fixed shapes (e.g. bucket sequence lengths)", UserWarning, stacklevel=2)
         return self.gm.forward(*args)

@@ -28,9 +28,10 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("entry", ["hbp_compile", "torch.compile"])
 def test_a_chain_runs_highway_bp_at_every_shape(entry):
-    """More distinct shapes than dynamo's recompile limit (3 here: a static graph, then B, then B and T symbolic): every call is Highway-BP, equal to
-    the Theorem-2 reference at k=1 (and not to backprop). ``torch.compile(backend="hbp")`` once
-    returned the first shape's rewrite for dynamo's symbolic graph: the third shape raised."""
+    """More distinct shapes than dynamo's recompile limit (3 here: a static graph, then B, then B and
+    T symbolic): every call is Highway-BP, equal to the Theorem-2 reference at k=1 (and not to
+    backprop). ``torch.compile(backend="hbp")`` once returned the first shape's rewrite for dynamo's
+    symbolic graph: the third shape raised."""
     model = make(transformer_stack(4)).double()
     compiled = (hbp_compile(model, k=1, backend="eager") if entry == "hbp_compile" else
                 torch.compile(model, backend="hbp", options={"k": 1, "backend": "eager"}))
