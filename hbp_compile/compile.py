@@ -301,9 +301,18 @@ def compile_rewritten(gm: fx.GraphModule, backend: str) -> Callable[..., Any]:
         return _autocast_off(gm.forward)
     # ChainModule.forward and run_opaque are graph breaks: Inductor compiles the code around them.
     # Resumed after a chain's graph break with its outputs, which are not leaves.
-    return _autocast_off(_without_grad_attribute_warning(torch.compile(
-        fresh_function(without_inductor_conv_bug(gm), "hbp_graph"), backend="inductor", dynamic=False,
-        options=INDUCTOR_OPTIONS)))
+    # Made on the first call, not here: a torch.compile'd function created while dynamo compiles the
+    # user's frame (this runs inside its backend) never compiled anything when called later: the code
+    # around the chains ran uncompiled.
+    compiled: list[Callable[..., Any]] = []
+
+    def run(*args: Any) -> Any:
+        if not compiled:
+            compiled.append(torch.compile(fresh_function(without_inductor_conv_bug(gm), "hbp_graph"),
+                                          backend="inductor", dynamic=False, options=INDUCTOR_OPTIONS))
+        return compiled[0](*args)
+
+    return _autocast_off(_without_grad_attribute_warning(run))
 
 
 def _autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:

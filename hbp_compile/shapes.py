@@ -34,22 +34,26 @@ log = logging.getLogger("hbp_compile")
 MAX_SHAPES = 64
 
 
-def has_symbolic_sizes(gm: fx.GraphModule) -> bool:
-    """Whether dynamo traced ``gm`` with a size, stride or int input that is a symbol.
+def symbolic_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
+    """Positions of the inputs dynamo traced ``gm`` with symbolic sizes or strides, or as a symbol
+    (a size passed as an int): what a call's shapes can change. The others (parameters, buffers)
+    have the sizes dynamo guards on.
 
-    >>> has_symbolic_sizes(torch.fx.symbolic_trace(lambda x: x + 1))
-    False
+    >>> symbolic_inputs(torch.fx.symbolic_trace(lambda x: x + 1))
+    ()
     """
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
+    positions = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         value = node.meta.get("example_value")
-        if isinstance(value, torch.SymInt | torch.SymFloat):
-            return True
-        if isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt)
-                                                   for s in (*value.shape, *value.stride())):
-            return True
-    return False
+        if isinstance(value, torch.SymInt | torch.SymFloat) or isinstance(value, torch.Tensor) and any(
+                isinstance(s, torch.SymInt) for s in (*value.shape, *value.stride())):
+            positions.append(i)
+    return tuple(positions)
+
+
+def has_symbolic_sizes(gm: fx.GraphModule) -> bool:
+    """Whether dynamo traced ``gm`` with a size, stride or int input that is a symbol."""
+    return bool(symbolic_inputs(gm))
 
 
 def read_scalars(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
@@ -66,10 +70,10 @@ def read_scalars(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
     return scalars
 
 
-def shape_key(args: Sequence[Any], scalars: Sequence[int] = ()) -> tuple:
-    """What a rewrite is specialized to: each tensor's shape, strides, dtype and device, each other
-    argument's value (a size dynamo passes as an int), and the value of the ``scalars``."""
-    key = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+def shape_key(args: Sequence[Any], positions: Sequence[int], scalars: Sequence[int] = ()) -> tuple:
+    """What a rewrite is specialized to: the shape and strides of each tensor at ``positions`` (the
+    symbolic inputs), the value of each int there, and the value of the ``scalars``."""
+    key = tuple((tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a for a in (args[i] for i in positions))
     return key + tuple(args[i].item() for i in scalars)
 
 
@@ -114,10 +118,11 @@ class PerShape:
     ``rewrite(graph, args, shapes)`` compiles ``graph`` (a concrete copy of dynamo's) for the real
     inputs ``args`` and returns what runs it; ``shapes`` describes them for the report.
 
-    >>> calls = []
-    >>> per_shape = PerShape(torch.fx.symbolic_trace(lambda x: x * 2),
-    ...                      lambda graph, args, shapes: calls.append(shapes) or graph.forward)
-    >>> [per_shape(torch.ones(n)).sum().item() for n in (2, 3, 2)], calls
+    >>> seen = []
+    >>> def backend(gm, example_inputs):
+    ...     return PerShape(gm, lambda graph, args, shapes: seen.append(shapes) or graph.forward)
+    >>> double = torch.compile(lambda x: x * 2, backend=backend, dynamic=True)
+    >>> [double(torch.ones(n)).sum().item() for n in (2, 3, 2)], seen
     ([4.0, 6.0, 4.0], ['(2,)', '(3,)'])
     """
 
@@ -125,11 +130,12 @@ class PerShape:
         self.gm = gm
         self.rewrite = rewrite
         self.by_shape: dict[tuple, Callable] = {}
+        self.positions = symbolic_inputs(gm)  # a parameter's shape cannot change under dynamo's guards
         self.scalars = tuple(read_scalars(gm))
         self._warned_full = False
 
     def __call__(self, *args: Any) -> Any:
-        key = shape_key(args, self.scalars)
+        key = shape_key(args, self.positions, self.scalars)
         run = self.by_shape.get(key)
         if run is None:
             if len(self.by_shape) >= MAX_SHAPES:

@@ -9,6 +9,7 @@ the reason it is expected to give.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import warnings
 from collections.abc import Callable
@@ -242,11 +243,16 @@ class ZooResult:
     warnings: list[str] = field(default_factory=list)
     dtype: str = "float64"
     backprop_error: float = 0.0  # float32: autograd's own error against float64 autograd (its rounding)
+    # float32 under Inductor, measured only where the error passes neither bound above: torch.compile
+    # backprop's own error (the code around the chains is Inductor's too, and rounds as it does)
+    compiled_backprop_error: float = 0.0
 
     def passes(self, entry: ZooModel) -> bool:
-        """Within the dtype's bound (``tolerance``), or in float32 within 3 × backprop's own rounding."""
+        """Within the dtype's bound (``tolerance``), or in float32 within 3 × backprop's own rounding
+        (eager backprop's, or under Inductor torch.compile backprop's where that is larger)."""
         bound = tolerance(entry, self.dtype)
-        return self.error is not None and self.error <= max(bound, 3 * self.backprop_error)
+        rounding = max(self.backprop_error, self.compiled_backprop_error)
+        return self.error is not None and self.error <= max(bound, 3 * rounding)
 
 
 def _loss(out: object) -> torch.Tensor:
@@ -310,6 +316,7 @@ def run(entry: ZooModel, backend: str = "eager", dtype: str | None = None) -> Zo
         want64 = {n: p.grad for n, p in exact.named_parameters() if p.grad is not None}
         backprop_error = _error(want, want64, dtype)
         want = want64
+    reference = copy.deepcopy(model) if backend == "inductor" and dtype == "float32" and entry.float64 else None
     compiled = hbp_compile(model, k=10_000, backend=backend, strict=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -323,8 +330,13 @@ def run(entry: ZooModel, backend: str = "eager", dtype: str | None = None) -> Zo
     else:  # Inductor fuses and rounds differently from eager: equal up to its rounding
         same_forward = bool(torch.isclose(loss.double(), want_loss.double(),
                                           rtol={"float64": 1e-10, "float32": 1e-4}.get(dtype, 2e-2)))
-    return ZooResult(entry.name, compiled.hbp_report.num_layers, entry.layers, _error(got, want, dtype), same_forward,
-                     [str(w.message) for w in caught if "hbp_compile" in str(w.message)], dtype, backprop_error)
+    result = ZooResult(entry.name, compiled.hbp_report.num_layers, entry.layers, _error(got, want, dtype), same_forward,
+                       [str(w.message) for w in caught if "hbp_compile" in str(w.message)], dtype, backprop_error)
+    if reference is not None and not result.passes(entry):
+        _loss(torch.compile(reference)(**inputs)).backward()
+        compiled_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+        result = dataclasses.replace(result, compiled_backprop_error=_error(compiled_grads, want, dtype))
+    return result
 
 
 def _run_or_error(entry: ZooModel, backend: str, dtype: str) -> ZooResult | str:
