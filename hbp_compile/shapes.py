@@ -73,7 +73,8 @@ def read_scalars(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
 def shape_key(args: Sequence[Any], positions: Sequence[int], scalars: Sequence[int] = ()) -> tuple:
     """What a rewrite is specialized to: the shape and strides of each tensor at ``positions`` (the
     symbolic inputs), the value of each int there, and the value of the ``scalars``."""
-    key = tuple((tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a for a in (args[i] for i in positions))
+    chosen = (args[i] for i in positions)
+    key = tuple((tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a for a in chosen)
     return key + tuple(args[i].item() for i in scalars)
 
 
