@@ -9,7 +9,6 @@ the reason it is expected to give.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import warnings
 from collections.abc import Callable
@@ -46,6 +45,9 @@ class ZooModel:
     note: str = ""  # why found differs from layers, or why the warning is right
     tolerance: float = 1e-8  # k ≥ L against autograd, relative
     float64: bool = True  # does the model run in float64? (else float32 is checked against float32 autograd)
+    # float32 under Inductor: torch.compile backprop's own error against float64 autograd, where it is
+    # larger than eager backprop's (Inductor compiles the code around the chains and rounds it the same way)
+    compiled_rounding: float = 0.0
 
     @property
     def expected_found(self) -> int:
@@ -219,7 +221,9 @@ ZOO: tuple[ZooModel, ...] = (
     # captured graph unrolls (Inductor's compile time grows with it: 8 tokens took 40 s, 4 tokens 20 s
     # a kernel); two steps are a scan all the same
     ZooModel("mamba", hf("mamba", hidden_size=16, num_hidden_layers=3, state_size=4, vocab_size=VOCAB,
-                         expand=2, conv_kernel=2, residual_in_fp32=False), tokens(length=2), 3),
+                         expand=2, conv_kernel=2, residual_in_fp32=False), tokens(length=2), 3,
+             # torch.compile(model) backprop in float32: 2.3965e-4 from float64 autograd (eager: 3.65e-5)
+             compiled_rounding=2.4e-4),
     ZooModel("mamba, residual in float32", hf("mamba", hidden_size=16, num_hidden_layers=3, state_size=4,
                                               vocab_size=VOCAB, expand=2, conv_kernel=2, residual_in_fp32=True),
              tokens(length=2), 3, tolerance=1e-6,
@@ -243,8 +247,7 @@ class ZooResult:
     warnings: list[str] = field(default_factory=list)
     dtype: str = "float64"
     backprop_error: float = 0.0  # float32: autograd's own error against float64 autograd (its rounding)
-    # float32 under Inductor, measured only where the error passes neither bound above: torch.compile
-    # backprop's own error (the code around the chains is Inductor's too, and rounds as it does)
+    # float32 under Inductor: the entry's ``compiled_rounding`` (torch.compile backprop's own error)
     compiled_backprop_error: float = 0.0
 
     def passes(self, entry: ZooModel) -> bool:
@@ -316,7 +319,6 @@ def run(entry: ZooModel, backend: str = "eager", dtype: str | None = None) -> Zo
         want64 = {n: p.grad for n, p in exact.named_parameters() if p.grad is not None}
         backprop_error = _error(want, want64, dtype)
         want = want64
-    reference = copy.deepcopy(model) if backend == "inductor" and dtype == "float32" and entry.float64 else None
     compiled = hbp_compile(model, k=10_000, backend=backend, strict=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -330,13 +332,9 @@ def run(entry: ZooModel, backend: str = "eager", dtype: str | None = None) -> Zo
     else:  # Inductor fuses and rounds differently from eager: equal up to its rounding
         same_forward = bool(torch.isclose(loss.double(), want_loss.double(),
                                           rtol={"float64": 1e-10, "float32": 1e-4}.get(dtype, 2e-2)))
-    result = ZooResult(entry.name, compiled.hbp_report.num_layers, entry.layers, _error(got, want, dtype), same_forward,
-                       [str(w.message) for w in caught if "hbp_compile" in str(w.message)], dtype, backprop_error)
-    if reference is not None and not result.passes(entry):
-        _loss(torch.compile(reference)(**inputs)).backward()
-        compiled_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
-        result = dataclasses.replace(result, compiled_backprop_error=_error(compiled_grads, want, dtype))
-    return result
+    return ZooResult(entry.name, compiled.hbp_report.num_layers, entry.layers, _error(got, want, dtype), same_forward,
+                     [str(w.message) for w in caught if "hbp_compile" in str(w.message)], dtype, backprop_error,
+                     entry.compiled_rounding if backend == "inductor" and dtype == "float32" else 0.0)
 
 
 def _run_or_error(entry: ZooModel, backend: str, dtype: str) -> ZooResult | str:
