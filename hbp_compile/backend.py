@@ -29,7 +29,7 @@ from .recurrent.cell_loops import CELL_CALLS, swap_cell_loops
 from .recurrent.scan_hop import rewrite_scans
 from .recurrent.swap import RNN_CALLS, Recurrence, swap_recurrences
 from .rewrite import rewrite_chains
-from .shapes import PerShape, has_symbolic_sizes
+from .shapes import PerShape, symbolic_inputs
 from .unsupported import find_unsupported_features
 from .verify import dry_run, forward_mismatch, needs_forward_check
 
@@ -73,10 +73,11 @@ class HbpBackend:
         return f"HbpBackend(k={o.k}, gamma={o.gamma}, backend={o.backend!r}, recompute={o.recompute})"
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], **_: object) -> Callable:
-        if has_symbolic_sizes(gm) and not self.explain_only:
+        symbolic = symbolic_inputs(gm)
+        if symbolic and not self.explain_only:
             # one dynamo graph for every shape: rewritten at each shape it is called with (shapes.py)
             log.info("hbp_compile: a graph with symbolic sizes: rewritten once per input shape")
-            return PerShape(gm, self._compile_graph)
+            return PerShape(gm, self._compile_graph, symbolic)
         return self._compile_graph(gm, example_inputs)
 
     def _compile_graph(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],

@@ -36,8 +36,8 @@ MAX_SHAPES = 64
 
 def symbolic_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
     """Positions of the inputs dynamo traced ``gm`` with symbolic sizes or strides, or as a symbol
-    (a size passed as an int): what a call's shapes can change. The others (parameters, buffers)
-    have the sizes dynamo guards on.
+    (a size passed as an int): what a call's shapes can change; none for a static graph. The others
+    (parameters, buffers) have the sizes dynamo guards on.
 
     >>> symbolic_inputs(torch.fx.symbolic_trace(lambda x: x + 1))
     ()
@@ -49,11 +49,6 @@ def symbolic_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
                 isinstance(s, torch.SymInt) for s in (*value.shape, *value.stride())):
             positions.append(i)
     return tuple(positions)
-
-
-def has_symbolic_sizes(gm: fx.GraphModule) -> bool:
-    """Whether dynamo traced ``gm`` with a size, stride or int input that is a symbol."""
-    return bool(symbolic_inputs(gm))
 
 
 def read_scalars(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
@@ -117,21 +112,24 @@ class PerShape:
     """The callable a backend returns for a graph with symbolic sizes: one rewrite per input shape.
 
     ``rewrite(graph, args, shapes)`` compiles ``graph`` (a concrete copy of dynamo's) for the real
-    inputs ``args`` and returns what runs it; ``shapes`` describes them for the report.
+    inputs ``args`` and returns what runs it; ``shapes`` describes them for the report. ``positions``:
+    the graph's ``symbolic_inputs``, the only inputs whose shapes the rewrites are told apart by.
 
     >>> seen = []
     >>> def backend(gm, example_inputs):
-    ...     return PerShape(gm, lambda graph, args, shapes: seen.append(shapes) or graph.forward)
+    ...     rewrite = lambda graph, args, shapes: seen.append(shapes) or graph.forward
+    ...     return PerShape(gm, rewrite, symbolic_inputs(gm))
     >>> double = torch.compile(lambda x: x * 2, backend=backend, dynamic=True)
     >>> [double(torch.ones(n)).sum().item() for n in (2, 3, 2)], seen
     ([4.0, 6.0, 4.0], ['(2,)', '(3,)'])
     """
 
-    def __init__(self, gm: fx.GraphModule, rewrite: Callable[[fx.GraphModule, Sequence[Any], str], Callable]):
+    def __init__(self, gm: fx.GraphModule, rewrite: Callable[[fx.GraphModule, Sequence[Any], str], Callable],
+                 positions: Sequence[int]):
         self.gm = gm
         self.rewrite = rewrite
         self.by_shape: dict[tuple, Callable] = {}
-        self.positions = symbolic_inputs(gm)  # a parameter's shape cannot change under dynamo's guards
+        self.positions = tuple(positions)  # a parameter's shape cannot change under dynamo's guards
         self.scalars = tuple(read_scalars(gm))
         self._warned_full = False
 
